@@ -8,7 +8,7 @@ tf.train.Checkpoint and SavedModel (`_serialize_to_tensors` /
 """
 
 import itertools
-import math
+import json
 import threading
 
 import tensorflow as tf
@@ -112,6 +112,38 @@ class HashTable(tf.saved_model.experimental.TrackableResource):
             return super()._export_to_saved_model_graph(object_map, tensor_map, **kwargs)
         finally:
             self._exporting_graph = False
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "savedmodel":
+            children.update(self._saved_functions())
+        return children
+
+    def _saved_functions(self):
+        """Functions saved with the table, so a loaded SavedModel's table keeps
+        an API (`loaded.table.export()`, `.apply_delta(...)`) without this class."""
+        if getattr(self, "_saved_fns", None) is None:
+            dim = self._dim
+            spec_ids = tf.TensorSpec(None, tf.int64)
+            config = json.dumps(self.get_config(), sort_keys=True)
+            self._saved_fns = {
+                "lookup": tf.function(lambda ids: self.lookup(ids), input_signature=[spec_ids]),
+                "size": tf.function(self.size, input_signature=[]),
+                "stats": tf.function(self.stats, input_signature=[]),
+                "export": tf.function(self.export, input_signature=[]),
+                "export_delta": tf.function(self.export_delta, input_signature=[tf.TensorSpec([], tf.int64)]),
+                "apply_delta": tf.function(
+                    self._apply_delta_then_size, input_signature=[tf.TensorSpec([None], tf.int64),
+                                                       tf.TensorSpec([None, dim], tf.float32),
+                                                       tf.TensorSpec([None], tf.int64)]),
+                "get_config_json": tf.function(lambda: tf.constant(config), input_signature=[]),
+            }
+        return self._saved_fns
+
+    def _apply_delta_then_size(self, keys, values, deleted_keys):
+        # A saved function must return tensors: the size, once the delta is in.
+        with tf.control_dependencies([self.apply_delta(keys, values, deleted_keys)]):
+            return tf.identity(self.size())
 
     def _serialize_to_tensors(self):
         return self.export()

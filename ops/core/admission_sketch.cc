@@ -33,7 +33,7 @@ uint32_t AdmissionSketch::Add(uint64_t hash) {
   for (int r = 0; r < kDepth; ++r) {
     if (counters_[cells[r]] < next) counters_[cells[r]] = static_cast<uint16_t>(next);
   }
-  if (++additions_ >= static_cast<int64_t>(width_)) Age();
+  if (++additions_ >= static_cast<int64_t>(width_ / 2)) Age();
   return next;
 }
 

@@ -4,7 +4,7 @@
 //
 // Four rows of 16-bit saturating counters, conservative update (only the
 // smallest counters grow, which keeps overestimates low), and aging: after
-// `width` additions every counter is halved, so the sketch measures recent
+// width/2 additions every counter is halved, so the sketch measures recent
 // frequency and never silts up. An id is counted exactly (no false admission)
 // unless other ids collide with it in all four rows; docs/admission.md gives
 // the measured false-admission rate. Not thread-safe: the shard's lock guards it.
@@ -33,7 +33,9 @@ class AdmissionSketch {
   size_t num_counters() const { return counters_.size(); }
   const uint16_t* counters() const { return counters_.data(); }
   uint16_t* mutable_counters() { return counters_.data(); }
-  // Additions since the last halving (checkpointed with the counters).
+  // Additions since the last halving (checkpointed with the counters). Halving
+  // every width/2 additions keeps the mean counter load near 1/2, which holds
+  // false admissions of one-off ids near 0.5% (docs/admission.md).
   int64_t additions() const { return additions_; }
   void set_additions(int64_t n) { additions_ = n; }
   size_t MemoryBytes() const { return counters_.capacity() * sizeof(uint16_t); }
