@@ -43,7 +43,7 @@ $(OBJ)/core/%.o: ops/core/%.cc $(HEADERS)
 
 $(OBJ)/tf/%.o: ops/%.cc $(HEADERS) build/tf_flags.mk
 	@mkdir -p $(dir $@)
-	$(CXX) $(CXXFLAGS) $(TF_WARN) $(TF_CFLAGS) -DMONOLITH_TF_VERSION='"$(TF_VERSION)"' -c $< -o $@
+	$(CXX) $(CXXFLAGS) $(TF_WARN) $(TF_CFLAGS) -c $< -o $@
 
 CORE_OBJS := $(patsubst ops/core/%.cc,$(OBJ)/core/%.o,$(CORE_SRCS))
 OP_OBJS   := $(patsubst ops/%.cc,$(OBJ)/tf/%.o,$(OP_SRCS))
