@@ -27,10 +27,13 @@ $(STAMP): requirements.txt
 	$(VPY) -m pip install -q -r requirements.txt
 	touch $@
 
-# TensorFlow's own compile and link flags, asked once per install.
-build/tf_flags.mk: $(STAMP)
+# TensorFlow's own compile and link flags, asked once per install. setup.py
+# builds against the interpreter running it: TF_PY=<python> TF_FLAGS_DEPS=.
+TF_PY         ?= $(VPY)
+TF_FLAGS_DEPS ?= $(STAMP)
+build/tf_flags.mk: $(TF_FLAGS_DEPS)
 	@mkdir -p build
-	$(VPY) -c "import tensorflow as tf; \
+	$(TF_PY) -c "import tensorflow as tf; \
 print('TF_CFLAGS :=', ' '.join(tf.sysconfig.get_compile_flags())); \
 print('TF_LFLAGS :=', ' '.join(tf.sysconfig.get_link_flags())); \
 print('TF_VERSION :=', tf.__version__)" > $@.tmp 2>/dev/null && mv $@.tmp $@
@@ -63,7 +66,7 @@ core-test: build/core_test
 test: $(STAMP)
 	$(MAKE) -j2 so build/core_test
 	./build/core_test
-	$(VPY) -m pytest -q tests
+	TF_CPP_MIN_LOG_LEVEL=2 $(VPY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(MAKE) -j2 so
