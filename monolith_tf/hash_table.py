@@ -23,6 +23,10 @@ __all__ = ["HashTable"]
 EXPORT_KEYS = ("keys", "values", "slots", "last_seen", "versions", "admission_sketch", "meta")
 
 _INT64_MAX = 2**63 - 1
+# TensorFlow's marker for "anonymous resource" (ResourceHandle::ANONYMOUS_NAME
+# in resource_handle.h): the create op then returns a handle that owns its
+# table, freed with the last handle. Used when creating tables eagerly.
+_ANONYMOUS = "cd2c89b7-88b7-44c8-ad83-06c2a9158347"
 _uid_lock = threading.Lock()  # guards _uids
 _uids = itertools.count()
 
@@ -82,10 +86,11 @@ class HashTable(tf.saved_model.experimental.TrackableResource):
             self._initializer = _initializers.resolve(initializer)
         except ValueError as e:
             raise ValueError(f"HashTable '{who}': {e}") from None
-        # Used only when this table is written into an exported graph, where a
-        # session's resource manager must keep it alive between runs.
+        # The name under which graphs (SavedModel creator functions, the graph
+        # TF Serving runs) keep this table in a resource manager, so it
+        # outlives a session run. Unique per table: SavedModel loading appends
+        # a per-load suffix, so tables differ across tables and across loads.
         self._shared_name = f"{self._name}_{_unique_suffix()}"
-        self._exporting_graph = False
         super().__init__()
         with tf.init_scope():
             _ = self.resource_handle  # create now, so bad settings fail here
@@ -96,22 +101,17 @@ class HashTable(tf.saved_model.experimental.TrackableResource):
         kind, a, b = self._initializer
         attrs = self._optimizer.op_attrs()
         return _ops.ops().monolith_hash_table_create(
-            shared_name=self._shared_name if self._exporting_graph else "",
+            shared_name=_ANONYMOUS if tf.executing_eagerly() else self._shared_name,
             table_name=self._name, dim=self._dim, initializer=kind, initializer_a=a, initializer_b=b,
             seed=self._seed, min_count=self._min_count,
             expire_after=-1 if self._expire_after is None else self._expire_after,
             capacity=-1 if self._capacity is None else self._capacity,
             num_shards=self._num_shards or 0, admission_counters=self._admission_counters, **attrs)
 
-    def _export_to_saved_model_graph(self, object_map, tensor_map, **kwargs):
-        # The exported graph is run by session-based loaders (TF Serving), where
-        # an anonymous table would be recreated empty on every run; give that
-        # copy a shared name. Python loaders create tables eagerly instead.
-        self._exporting_graph = True
-        try:
-            return super()._export_to_saved_model_graph(object_map, tensor_map, **kwargs)
-        finally:
-            self._exporting_graph = False
+    def _destroy_resource(self):
+        # Frees a named table (a loaded SavedModel's) when its object goes away;
+        # anonymous eager tables are freed by their handle already.
+        tf.raw_ops.DestroyResourceOp(resource=self.resource_handle, ignore_lookup_error=True)
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         children = super()._trackable_children(save_type, **kwargs)

@@ -151,3 +151,20 @@ def test_saved_model_graph_is_session_loadable(tmp_path):
         second = sess.run(fetch, {feed: ids})
     np.testing.assert_array_equal(first, expected)
     np.testing.assert_array_equal(second, expected)
+
+
+def test_saved_model_keeps_several_tables_apart_across_loads(tmp_path):
+    a = mtf.HashTable(2, name="a", initializer="zeros")
+    b = mtf.HashTable(2, name="b", initializer="zeros")
+    a.apply_delta([1], [[1.0, 1.0]], tf.zeros([0], tf.int64))
+    b.apply_delta([1], [[2.0, 2.0]], tf.zeros([0], tf.int64))
+    module = tf.Module()
+    module.tables = [a, b]
+    module.score = tf.function(lambda ids: a.lookup(ids) + 10 * b.lookup(ids),
+                               input_signature=[tf.TensorSpec([None], tf.int64)])
+    tf.saved_model.save(module, str(tmp_path / "m"))
+    first, second = tf.saved_model.load(str(tmp_path / "m")), tf.saved_model.load(str(tmp_path / "m"))
+    np.testing.assert_array_equal(first.score(tf.constant([1], tf.int64)).numpy(), [[21.0, 21.0]])
+    first.tables[0].apply_delta(tf.constant([5], tf.int64), tf.constant([[5.0, 5.0]]), tf.zeros([0], tf.int64))
+    sizes = [int(t.size()) for t in (*first.tables, *second.tables)]
+    assert sizes == [2, 1, 1, 1]

@@ -71,6 +71,7 @@ class HashTableCreateOp : public OpKernel {
   explicit HashTableCreateOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("container", &container_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("shared_name", &shared_name_));
+    name_ = ctx->def().name();
     OP_REQUIRES_OK(ctx, ctx->GetAttr("table_name", &config_.name));
     int64_t dim;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dim", &dim));
@@ -108,8 +109,9 @@ class HashTableCreateOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     Tensor handle;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_RESOURCE, TensorShape({}), &handle));
-    if (shared_name_.empty()) {
-      // Anonymous: the handle owns the table, which dies with its last handle.
+    if (shared_name_ == ResourceHandle::ANONYMOUS_NAME) {
+      // Anonymous (TF's convention, as for VarHandleOp): the handle owns the
+      // table, which dies with its last handle. Eager and tf.function use this.
       TableResource* table = nullptr;
       OP_REQUIRES_OK(ctx, Create(&table));
       handle.scalar<ResourceHandle>()() =
@@ -117,12 +119,14 @@ class HashTableCreateOp : public OpKernel {
     } else {
       // Named: the session's resource manager owns it, so it outlives a run
       // (how TF Serving's session-based loader keeps state between requests).
+      // An empty shared_name means "named after this node", like TF's tables.
       const std::string container = container_.empty() ? ctx->resource_manager()->default_container() : container_;
+      const std::string name = shared_name_.empty() ? name_ : shared_name_;
       TableResource* table = nullptr;
       OP_REQUIRES_OK(ctx, ctx->resource_manager()->LookupOrCreate<TableResource>(
-                              container, shared_name_, &table, [this](TableResource** out) { return Create(out); }));
+                              container, name, &table, [this](TableResource** out) { return Create(out); }));
       table->Unref();
-      handle.scalar<ResourceHandle>()() = MakeResourceHandle<TableResource>(ctx, container, shared_name_);
+      handle.scalar<ResourceHandle>()() = MakeResourceHandle<TableResource>(ctx, container, name);
     }
     ctx->set_output(0, handle);
   }
@@ -132,7 +136,7 @@ class HashTableCreateOp : public OpKernel {
     return Guard([&] { *out = new TableResource(std::make_unique<EmbeddingTable>(config_)); });
   }
 
-  std::string container_, shared_name_;
+  std::string container_, shared_name_, name_;
   monolith::TableConfig config_;
 };
 

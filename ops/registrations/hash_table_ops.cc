@@ -57,9 +57,12 @@ REGISTER_OP("Monolith>HashTableCreate")
     .SetIsStateful()
     .SetShapeFn(shape_inference::ScalarShape)
     .Doc(R"doc(
-Creates a collisionless embedding hash table. With an empty shared_name the
-table is owned by the returned handle (eager and tf.function use); with a
-shared_name it lives in the session's resource manager (graph/TF Serving use).
+Creates a collisionless embedding hash table. With shared_name equal to
+TF's anonymous-resource name (ANONYMOUS_NAME in resource_handle.h) the table
+is owned by the returned handle
+(eager and tf.function use); otherwise it lives in the resource manager under
+shared_name, or under the node's name when shared_name is empty (graph and
+TF Serving use, where the table must outlive a session run).
 )doc");
 
 REGISTER_OP("Monolith>HashTableFind")
