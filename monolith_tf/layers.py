@@ -150,6 +150,9 @@ class HashEmbedding(keras.layers.Layer):
                                num_shards=num_shards, admission_counters=admission_counters)
         # Our ops have no XLA kernels.
         self.supports_jit = False
+        # monolith_tf.export swaps in a stock tf.lookup table here while it
+        # traces a portable serving graph; None means "use self.table".
+        self._serving_lookup = None
         # The zero-valued weight the tape reaches; see the module docstring.
         self._anchor = self.add_weight(shape=(), initializer="zeros", trainable=True, name="table_anchor")
         self.built = True
@@ -174,7 +177,7 @@ class HashEmbedding(keras.layers.Layer):
                 rows = tf.scatter_nd(tf.where(valid), kept, shape)
             rows = self._trainable_rows(flat, rows, valid)
         else:
-            rows = self.table.lookup(flat)
+            rows = self.table.lookup(flat) if self._serving_lookup is None else self._serving_lookup(flat)
         rows = ids.with_flat_values(rows) if isinstance(ids, tf.RaggedTensor) else rows
         return _pool(rows, ids, self.combiner, self.padding_id)
 
