@@ -27,8 +27,7 @@ import shutil
 import keras
 import tensorflow as tf
 
-from monolith_tf.hash_table import HashTable
-from monolith_tf.layers import HashEmbedding
+from monolith_tf.layers import dense_weights, embedding_layers
 
 __all__ = ["save", "next_version", "METADATA_FILE", "SAVE_OPTIONS"]
 
@@ -43,10 +42,6 @@ def next_version(base_dir):
         return 1
     versions = [int(n) for n in os.listdir(base_dir) if _VERSION.match(n)]
     return max(versions, default=0) + 1
-
-
-def _embedding_layers(model):
-    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, HashEmbedding)]
 
 
 class _TableEndpoint(tf.Module):
@@ -128,7 +123,7 @@ def save(model, base_dir, *, portable=False, version=None, model_name=None, inpu
     if os.path.exists(final):
         raise FileExistsError(f"monolith_tf.export: {final} already exists")
     specs = _input_specs(model, input_signature)
-    layers = _embedding_layers(model)
+    layers = embedding_layers(model)
     names = [layer.table.name for layer in layers]
     if len(set(names)) != len(names):
         raise ValueError(f"monolith_tf.export: table names must be unique to take deltas, got {names}")
@@ -149,9 +144,8 @@ def save(model, base_dir, *, portable=False, version=None, model_name=None, inpu
             tables[table.name] = _TableEndpoint(table.name, table.dim, table)
     root.monolith_tables = tables
 
-    anchors = {id(layer._anchor) for layer in layers}
-    dense = [v for v in model.weights if id(v) not in anchors]
-    root.dense_variables = [v.value if isinstance(v, keras.Variable) else v for v in dense]
+    dense = dense_weights(model)
+    root.dense_variables = [v.value if isinstance(v, keras.Variable) else v for _, v in dense]
     dense_specs = [tf.TensorSpec(v.shape, v.dtype) for v in root.dense_variables]
 
     @tf.function(input_signature=dense_specs)
@@ -175,8 +169,7 @@ def save(model, base_dir, *, portable=False, version=None, model_name=None, inpu
     metadata = {
         "format": "monolith_tf.export", "format_version": 1, "mode": "portable" if portable else "native",
         "model_name": model_name or model.name, "version": version, "tables": table_meta,
-        "dense": [{"name": v.path if hasattr(v, "path") else v.name, "shape": list(v.shape),
-                   "dtype": tf.as_dtype(v.dtype).name} for v in dense],
+        "dense": [{"name": name, "shape": list(v.shape), "dtype": tf.as_dtype(v.dtype).name} for name, v in dense],
         "inputs": {name: {"dtype": spec.dtype.name, "shape": spec.shape.as_list() if spec.shape.rank is not None
                           else None} for name, spec in specs.items()},
         "outputs": sorted(serve.structured_outputs),

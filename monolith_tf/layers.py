@@ -22,7 +22,7 @@ from monolith_tf import initializers as _initializers
 from monolith_tf import optimizers as _optimizers
 from monolith_tf.hash_table import EXPORT_KEYS, HashTable
 
-__all__ = ["HashEmbedding", "HashedEmbedding", "fingerprint_ids"]
+__all__ = ["HashEmbedding", "HashedEmbedding", "fingerprint_ids", "embedding_layers", "dense_weights"]
 
 _COMBINERS = (None, "sum", "mean", "sqrtn")
 
@@ -293,3 +293,18 @@ class HashedEmbedding(keras.layers.Layer):
                        "padding_id": self.padding_id, "l2": self.l2,
                        "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer)})
         return config
+
+
+def embedding_layers(model):
+    """Every HashEmbedding inside `model`, in a stable (tracking) order."""
+    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, HashEmbedding)]
+
+
+def dense_weights(model):
+    """The model's dense weights as (name, variable) pairs, in a stable order.
+
+    These are all weights except the HashEmbeddings' zero anchors. Exports list
+    them in this order and dense deltas are matched to them by these names.
+    """
+    anchors = {id(layer._anchor) for layer in embedding_layers(model)}
+    return [(v.path if hasattr(v, "path") else v.name, v) for v in model.weights if id(v) not in anchors]
