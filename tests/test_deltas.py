@@ -1,0 +1,123 @@
+"""The delta file format and the DeltaExporter callback."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from monolith_tf import deltas
+from monolith_tf.callbacks import DeltaExporter
+from monolith_tf.layers import HashEmbedding
+
+
+def sample_delta(seq=1):
+    rng = np.random.default_rng(seq)
+    return deltas.Delta(sequence=seq, model_name="m", tables=[
+        deltas.TableDelta(name="users", dim=3, since_version=4, version=9, keys=np.array([1, -5, 2**62], np.int64),
+                          values=rng.standard_normal((3, 3)).astype(np.float32),
+                          deleted_keys=np.array([7], np.int64)),
+        deltas.TableDelta(name="items", dim=2, since_version=0, version=3, keys=np.zeros([0], np.int64),
+                          values=np.zeros([0, 2], np.float32), deleted_keys=np.zeros([0], np.int64), full=True),
+    ])
+
+
+def test_round_trip_is_exact(tmp_path):
+    original = sample_delta()
+    path = deltas.write(str(tmp_path), original)
+    assert os.path.basename(path) == "000000000001.delta"
+    got = deltas.read(path)
+    assert (got.sequence, got.model_name, got.kind) == (1, "m", "sparse")
+    for a, b in zip(original.tables, got.tables):
+        assert (a.name, a.dim, a.since_version, a.version, a.full) == (b.name, b.dim, b.since_version, b.version, b.full)
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.values, b.values)
+        np.testing.assert_array_equal(a.deleted_keys, b.deleted_keys)
+    dense = deltas.Delta(sequence=2, model_name="m", kind="dense", dense={"dense/kernel": np.eye(3, dtype=np.float32)})
+    np.testing.assert_array_equal(deltas.read(deltas.write(str(tmp_path), dense)).dense["dense/kernel"], np.eye(3))
+    assert deltas.list_sequences(str(tmp_path)) == [1, 2] and deltas.next_sequence(str(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[:-40], "checksum mismatch"),                         # truncated
+    (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:], "checksum"),  # one flipped bit
+    (lambda b: b"PK\x03\x04" + b[4:], "not a monolith_tf delta"),     # foreign file
+    (lambda b: b"", "not a monolith_tf delta"),                        # empty
+])
+def test_damaged_files_are_rejected_naming_the_file(tmp_path, damage, message):
+    path = deltas.write(str(tmp_path), sample_delta())
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(blob))
+    with pytest.raises(deltas.DeltaError, match=f"{os.path.basename(path)}.*{message}"):
+        deltas.read(path)
+
+
+def test_inconsistent_delta_is_refused_before_writing(tmp_path):
+    bad = sample_delta()
+    bad.tables[0].values = np.zeros([2, 3], np.float32)
+    with pytest.raises(deltas.DeltaError, match="table 'users': values shape"):
+        deltas.write(str(tmp_path), bad)
+    assert os.listdir(tmp_path) == []
+
+
+def model_with_tables(expire_after=None):
+    ids = keras.Input((), dtype="int64", name="ids")
+    emb = HashEmbedding(4, name="emb", expire_after=expire_after)
+    model = keras.Model(ids, keras.layers.Dense(1)(emb(ids)), name="m")
+    model.compile(optimizer="adam", loss="mse")
+    return model, emb
+
+
+def test_delta_exporter_publishes_changes_every_n_steps(tmp_path):
+    model, emb = model_with_tables()
+    exporter = DeltaExporter(str(tmp_path), every_n_steps=5)
+    model.fit(np.arange(200), np.ones(200), batch_size=10, epochs=1, verbose=0, callbacks=[exporter])
+    sparse = [deltas.read(p) for p in exporter.written if deltas.read(p).kind == "sparse"]
+    dense = [deltas.read(p) for p in exporter.written if deltas.read(p).kind == "dense"]
+    assert len(sparse) == 4 and len(dense) == 1  # 20 steps / 5; dense at the end
+    assert sparse[0].tables[0].full and sparse[0].tables[0].since_version == 0
+    for prev, cur in zip(sparse, sparse[1:]):
+        assert cur.tables[0].since_version == prev.tables[0].version  # contiguous chain
+    # Replaying the chain onto an empty table reproduces the trainer's rows.
+    from monolith_tf import HashTable
+    replica = HashTable(4, initializer="zeros")
+    for d in sparse:
+        t = d.tables[0]
+        replica.apply_delta(t.keys, t.values, t.deleted_keys)
+    got = replica.lookup(np.arange(200)).numpy()
+    np.testing.assert_array_equal(got, emb.table.lookup(np.arange(200)).numpy())
+    assert set(dense[0].dense) == {v.path for v in model.weights if "anchor" not in v.path}
+
+
+def test_delta_exporter_time_cadence_resume_and_deletions(tmp_path):
+    now = [0.0]
+    model, emb = model_with_tables(expire_after=10)
+    exporter = DeltaExporter(str(tmp_path), every_seconds=30, clock=lambda: now[0])
+    exporter.set_model(model)
+    exporter.on_train_begin()
+    emb(np.array([1, 2, 3]), timestamp=100, training=True)
+    exporter.on_train_batch_end(0)
+    assert exporter.written == []  # not yet due
+    now[0] = 31.0
+    exporter.on_train_batch_end(1)
+    assert len(exporter.written) == 1
+    emb(np.array([4]), timestamp=200, training=True)
+    emb.table.evict()  # 1, 2, 3 expire
+    # A new exporter (a restarted trainer) continues the chain from the files.
+    again = DeltaExporter(str(tmp_path), every_n_steps=1)
+    again.set_model(model)
+    again.on_train_begin()
+    again.publish()
+    last = deltas.read(again.written[-1]).tables[0]
+    first = deltas.read(exporter.written[0]).tables[0]
+    assert not last.full and last.since_version == first.version
+    assert sorted(last.keys.tolist()) == [4] and sorted(last.deleted_keys.tolist()) == [1, 2, 3]
+
+
+def test_delta_exporter_argument_checks():
+    with pytest.raises(ValueError, match="every_n_steps or every_seconds"):
+        DeltaExporter("/tmp/x")
+    with pytest.raises(ValueError, match="every_n_steps must be"):
+        DeltaExporter("/tmp/x", every_n_steps=0)
