@@ -30,7 +30,11 @@ setup(
         "absl-py",
         "grpcio",
     ],
-    entry_points={"console_scripts": ["monolith-train=monolith_tf.train:run"]},
+    entry_points={"console_scripts": [
+        "monolith-train=monolith_tf.train:run",
+        "monolith-serve=monolith_tf.serving.__main__:run",
+        "monolith-delta-export=monolith_tf.delta_export:run",
+    ]},
     cmdclass={"build_py": BuildOpsThenPy},
     zip_safe=False,
 )

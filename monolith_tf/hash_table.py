@@ -21,6 +21,8 @@ __all__ = ["HashTable"]
 
 # Names of the tensors an export holds, in the order the import op takes them.
 EXPORT_KEYS = ("keys", "values", "slots", "last_seen", "versions", "admission_sketch", "meta")
+# Checkpoints also hold the table's config (JSON) under this name.
+CONFIG_KEY = "config"
 
 _INT64_MAX = 2**63 - 1
 # TensorFlow's marker for "anonymous resource" (ResourceHandle::ANONYMOUS_NAME
@@ -146,10 +148,14 @@ class HashTable(tf.saved_model.experimental.TrackableResource):
             return tf.identity(self.size())
 
     def _serialize_to_tensors(self):
-        return self.export()
+        tensors = self.export()
+        # The config rides along so tools that read checkpoints without the
+        # model (monolith-delta-export) know each table's name and dim.
+        tensors[CONFIG_KEY] = tf.constant(json.dumps(self.get_config(), sort_keys=True))
+        return tensors
 
     def _restore_from_tensors(self, restored_tensors):
-        return self.restore_export(restored_tensors)
+        return self.restore_export({k: restored_tensors[k] for k in EXPORT_KEYS})
 
     # -- properties ------------------------------------------------------------
 

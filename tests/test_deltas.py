@@ -121,3 +121,29 @@ def test_delta_exporter_argument_checks():
         DeltaExporter("/tmp/x")
     with pytest.raises(ValueError, match="every_n_steps must be"):
         DeltaExporter("/tmp/x", every_n_steps=0)
+
+
+def test_checkpoint_delta_export_job(tmp_path):
+    import tensorflow as tf
+    from monolith_tf import HashTable
+    from monolith_tf.delta_export import export_once
+    model, emb = model_with_tables(expire_after=10)
+    ckpt = tf.train.Checkpoint(model=model)
+    ckpt_dir, delta_dir = str(tmp_path / "ckpt"), str(tmp_path / "deltas")
+    emb(np.array([1, 2, 3]), timestamp=100, training=True)
+    ckpt.save(ckpt_dir + "/c")
+    first = deltas.read(export_once(ckpt_dir, delta_dir, "m"))
+    assert first.tables[0].full and sorted(first.tables[0].keys.tolist()) == [1, 2, 3]
+    assert export_once(ckpt_dir, delta_dir, "m") is None  # nothing new
+    emb.table.apply_gradients([2], np.ones([1, 4], np.float32))
+    emb(np.array([9]), timestamp=105, training=True)
+    emb.table.evict(now=112)  # 1 and 3 (seen at 100) expire; 2 was touched at 100 too
+    ckpt.save(ckpt_dir + "/c")
+    second = deltas.read(export_once(ckpt_dir, delta_dir, "m")).tables[0]
+    assert not second.full and second.since_version == first.tables[0].version
+    assert sorted(second.keys.tolist()) == [9]
+    assert sorted(second.deleted_keys.tolist()) == [1, 2, 3]
+    replica = HashTable(4, initializer="zeros")
+    for d in (first.tables[0], second):
+        replica.apply_delta(d.keys, d.values, d.deleted_keys)
+    np.testing.assert_array_equal(replica.lookup(np.arange(12)).numpy(), emb.table.lookup(np.arange(12)).numpy())
