@@ -11,6 +11,7 @@ poll that directory and apply the files in place. The file format lives in
 import time
 
 import keras
+import numpy as np
 
 from monolith_tf import deltas
 from monolith_tf.layers import dense_weights, embedding_layers
@@ -119,8 +120,14 @@ class DeltaExporter(keras.callbacks.Callback):
             self._sparse_written += 1
         if dense or (self.dense_every_n_deltas and tables and self._sparse_written % self.dense_every_n_deltas == 0):
             weights = {n: v.numpy() for n, v in dense_weights(self.model)}
+            # Zero-row entries date the snapshot: it matches the tables as of
+            # these versions, so a replica behind them can tell.
+            dates = [deltas.TableDelta(name=t.name, dim=t.dim, since_version=self._since.get(t.name, 0),
+                                       version=self._since.get(t.name, 0), keys=np.zeros([0], np.int64),
+                                       values=np.zeros([0, t.dim], np.float32), deleted_keys=np.zeros([0], np.int64))
+                     for t in self._tables()]
             seq = deltas.next_sequence(self.delta_dir)
             written.append(deltas.write(self.delta_dir, deltas.Delta(sequence=seq, model_name=name, kind="dense",
-                                                                     dense=weights)))
+                                                                     tables=dates, dense=weights)))
         self.written.extend(written)
         return written

@@ -24,9 +24,15 @@ from monolith_tf import deltas
 from monolith_tf.hash_table import CONFIG_KEY
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint_dir", None, "Directory of the trainer's tf.train.Checkpoint files.")
-flags.DEFINE_string("delta_dir", None, "Directory the replicas poll for deltas.")
-flags.DEFINE_string("model_name", "model", "Model name recorded in the delta.")
+
+
+def _define_flags():
+    # Defined when run as the program only, so importing this module next to
+    # another absl program (the trainer, the replica) cannot clash.
+    flags.DEFINE_string("checkpoint_dir", None, "Directory of the trainer's tf.train.Checkpoint files.")
+    flags.DEFINE_string("delta_dir", None, "Directory the replicas poll for deltas.")
+    flags.DEFINE_string("model_name", None, "Model name recorded in each delta; replicas check it against "
+                        "the export's model_name (the Keras model's name unless export.save was told otherwise).")
 
 _ATTR = "/.ATTRIBUTES/"
 _STATE_DIR = ".delta-export"
@@ -91,7 +97,7 @@ def _save_state(delta_dir, table, version, keys):
     _atomic_write(meta_path, lambda f: f.write(json.dumps({"version": version, "num_keys": len(keys)}).encode()))
 
 
-def export_once(checkpoint_dir, delta_dir, model_name="model"):
+def export_once(checkpoint_dir, delta_dir, model_name):
     """Writes one delta for the newest checkpoint; returns its path, or None
     when nothing changed since the last run."""
     latest = tf.train.latest_checkpoint(checkpoint_dir)
@@ -128,8 +134,8 @@ def export_once(checkpoint_dir, delta_dir, model_name="model"):
 
 def main(argv):
     del argv
-    if not FLAGS.checkpoint_dir or not FLAGS.delta_dir:
-        print("monolith-delta-export: --checkpoint_dir and --delta_dir are required", file=sys.stderr)
+    if not FLAGS.checkpoint_dir or not FLAGS.delta_dir or not FLAGS.model_name:
+        print("monolith-delta-export: --checkpoint_dir, --delta_dir and --model_name are required", file=sys.stderr)
         return 2
     try:
         path = export_once(FLAGS.checkpoint_dir, FLAGS.delta_dir, FLAGS.model_name)
@@ -141,6 +147,7 @@ def main(argv):
 
 
 def run():
+    _define_flags()
     app.run(main)
 
 

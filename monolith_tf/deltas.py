@@ -183,10 +183,21 @@ def read(path):
         header = json.loads(body[start:start + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DeltaError(f"{path}: header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise DeltaError(f"{path}: header is not a JSON object")
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise DeltaError(f"{path}: unsupported format {header.get('format')!r} "
                          f"version {header.get('format_version')!r}")
-    payload = memoryview(body)[start + header_len:]
+    try:
+        return _decode(path, header, memoryview(body)[start + header_len:])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, DeltaError):
+            raise
+        raise DeltaError(f"{path}: malformed header ({type(e).__name__}: {e})") from None
+
+
+def _decode(path, header, payload):
+    """Arrays and fields of a checksummed file whose header is a JSON object."""
     arrays = {}
     for entry in header["arrays"]:
         lo, hi = entry["offset"], entry["offset"] + entry["nbytes"]
@@ -203,15 +214,12 @@ def read(path):
     m = _NAME.match(name)
     if m and int(m.group(1)) != header["sequence"]:
         raise DeltaError(f"{path}: file name says sequence {int(m.group(1))}, header says {header['sequence']}")
-    try:
-        tables = [TableDelta(name=t["name"], dim=t["dim"], since_version=t["since_version"], version=t["version"],
-                             full=t["full"], keys=arrays[f"tables/{t['name']}/keys"],
-                             values=arrays[f"tables/{t['name']}/values"],
-                             deleted_keys=arrays[f"tables/{t['name']}/deleted_keys"]) for t in header["tables"]]
-        dense = {d["name"]: arrays[f"dense/{d['name']}"] for d in header["dense"]}
-        delta = Delta(sequence=header["sequence"], model_name=header["model_name"], kind=header["kind"],
-                      tables=tables, dense=dense, created_at=header["created_at"])
-    except KeyError as e:
-        raise DeltaError(f"{path}: header refers to missing field or array {e}") from None
+    tables = [TableDelta(name=t["name"], dim=t["dim"], since_version=t["since_version"], version=t["version"],
+                         full=t["full"], keys=arrays[f"tables/{t['name']}/keys"],
+                         values=arrays[f"tables/{t['name']}/values"],
+                         deleted_keys=arrays[f"tables/{t['name']}/deleted_keys"]) for t in header["tables"]]
+    dense = {d["name"]: arrays[f"dense/{d['name']}"] for d in header["dense"]}
+    delta = Delta(sequence=header["sequence"], model_name=header["model_name"], kind=header["kind"],
+                  tables=tables, dense=dense, created_at=header["created_at"])
     _validate(delta)
     return delta

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import keras
 import tensorflow as tf
@@ -168,7 +169,7 @@ def save(model, base_dir, *, portable=False, version=None, model_name=None, inpu
 
     metadata = {
         "format": "monolith_tf.export", "format_version": 1, "mode": "portable" if portable else "native",
-        "model_name": model_name or model.name, "version": version, "tables": table_meta,
+        "model_name": model_name or model.name, "version": version, "created_at": time.time(), "tables": table_meta,
         "dense": [{"name": name, "shape": list(v.shape), "dtype": tf.as_dtype(v.dtype).name} for name, v in dense],
         "inputs": {name: {"dtype": spec.dtype.name, "shape": spec.shape.as_list() if spec.shape.rank is not None
                           else None} for name, spec in specs.items()},

@@ -147,3 +147,14 @@ def test_checkpoint_delta_export_job(tmp_path):
     for d in (first.tables[0], second):
         replica.apply_delta(d.keys, d.values, d.deleted_keys)
     np.testing.assert_array_equal(replica.lookup(np.arange(12)).numpy(), emb.table.lookup(np.arange(12)).numpy())
+
+
+def test_malformed_header_with_valid_checksum_is_a_delta_error(tmp_path):
+    import hashlib
+    import struct
+    for header in (b"[]", b'{"format": "monolith_tf.delta", "format_version": 1}'):
+        body = deltas.MAGIC + struct.pack("<Q", len(header)) + header
+        path = tmp_path / "000000000001.delta"
+        path.write_bytes(body + hashlib.sha256(body).digest())
+        with pytest.raises(deltas.DeltaError, match="000000000001.delta"):
+            deltas.read(str(path))
