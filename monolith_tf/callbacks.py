@@ -31,10 +31,11 @@ class DeltaExporter(keras.callbacks.Callback):
       model_name: recorded in each file (default: the model's name).
       clock: a zero-argument function returning seconds (injectable for tests).
 
-    It continues the sequence and the per-table versions found in `delta_dir`,
-    so a restarted trainer carries on where it stopped. A table whose version
-    went backwards (restored from an older checkpoint), or whose deletion log
-    no longer reaches the last delta, is sent in full instead.
+    File numbering continues the sequence found in `delta_dir`. Each table's
+    first delta from this exporter is a full copy, and so is any delta after
+    the table was restored (its generation changed): versions are comparable
+    only within one table history, and a replica must not patch rows of one
+    history with changes from another.
     """
 
     def __init__(self, delta_dir, every_n_steps=None, every_seconds=None, *, dense_every_n_deltas=None,
@@ -53,7 +54,7 @@ class DeltaExporter(keras.callbacks.Callback):
         self.dense_every_n_deltas = dense_every_n_deltas
         self.model_name = model_name
         self._clock = clock
-        self._since = None        # table name -> version the next delta starts after
+        self._since = {}          # table name -> (generation, version the next delta starts after)
         self._steps = 0
         self._last_time = None
         self._sparse_written = 0
@@ -62,20 +63,7 @@ class DeltaExporter(keras.callbacks.Callback):
     def _tables(self):
         return [layer.table for layer in embedding_layers(self.model)]
 
-    def _resume_versions(self):
-        """Per-table versions from the newest readable sparse delta in delta_dir."""
-        for seq in reversed(deltas.list_sequences(self.delta_dir)):
-            try:
-                delta = deltas.read(deltas.path_for(self.delta_dir, seq))
-            except deltas.DeltaError:
-                continue
-            if delta.kind == "sparse":
-                return {t.name: t.version for t in delta.tables}
-        return {}
-
     def on_train_begin(self, logs=None):
-        if self._since is None:
-            self._since = self._resume_versions()
         self._last_time = self._clock()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -92,17 +80,18 @@ class DeltaExporter(keras.callbacks.Callback):
     def publish(self, dense=False):
         """Writes a sparse delta now (if anything changed), and a dense
         snapshot when `dense` or its cadence says so. Returns the paths."""
-        if self._since is None:
-            self._since = self._resume_versions()
         self._last_time = self._clock()
         name = self.model_name or self.model.name
         written = []
         tables = []
         for table in self._tables():
-            since = self._since.get(table.name, 0)
-            current = int(table.stats()["version"])
-            delta = table.export_delta(since if since <= current else 0)
-            full = since == 0 or since > current or not bool(delta["complete"])
+            stats = table.stats()
+            generation, current = int(stats["generation"]), int(stats["version"])
+            known_generation, since = self._since.get(table.name, (None, 0))
+            if known_generation != generation or since > current:
+                since = 0
+            delta = table.export_delta(since)
+            full = since == 0 or not bool(delta["complete"])
             if full and since != 0:
                 delta = table.export_delta(0)
             if not full and len(delta["keys"]) == 0 and len(delta["deleted_keys"]) == 0:
@@ -115,15 +104,16 @@ class DeltaExporter(keras.callbacks.Callback):
         if tables:
             seq = deltas.next_sequence(self.delta_dir)
             written.append(deltas.write(self.delta_dir, deltas.Delta(sequence=seq, model_name=name, tables=tables)))
+            generations = {t.name: int(t.stats()["generation"]) for t in self._tables()}
             for t in tables:
-                self._since[t.name] = t.version
+                self._since[t.name] = (generations[t.name], t.version)
             self._sparse_written += 1
         if dense or (self.dense_every_n_deltas and tables and self._sparse_written % self.dense_every_n_deltas == 0):
             weights = {n: v.numpy() for n, v in dense_weights(self.model)}
             # Zero-row entries date the snapshot: it matches the tables as of
             # these versions, so a replica behind them can tell.
-            dates = [deltas.TableDelta(name=t.name, dim=t.dim, since_version=self._since.get(t.name, 0),
-                                       version=self._since.get(t.name, 0), keys=np.zeros([0], np.int64),
+            dates = [deltas.TableDelta(name=t.name, dim=t.dim, since_version=self._since.get(t.name, (0, 0))[1],
+                                       version=self._since.get(t.name, (0, 0))[1], keys=np.zeros([0], np.int64),
                                        values=np.zeros([0, t.dim], np.float32), deleted_keys=np.zeros([0], np.int64))
                      for t in self._tables()]
             seq = deltas.next_sequence(self.delta_dir)

@@ -269,9 +269,12 @@ class HashTable(tf.saved_model.experimental.TrackableResource):
         return self.stats()["size"]
 
     def stats(self):
-        """size, newest_event_time, version (change counter) and memory_bytes."""
-        size, newest, version, memory = _ops.ops().monolith_hash_table_stats(self.resource_handle)
-        return {"size": size, "newest_event_time": newest, "version": version, "memory_bytes": memory}
+        """size, newest_event_time, version (change counter), memory_bytes, and
+        generation (a random id redrawn on restore: versions compare only
+        within one generation)."""
+        size, newest, version, memory, generation = _ops.ops().monolith_hash_table_stats(self.resource_handle)
+        return {"size": size, "newest_event_time": newest, "version": version, "memory_bytes": memory,
+                "generation": generation}
 
     def evict(self, now=None):
         """Removes rows last seen before `now - expire_after`; returns how many.

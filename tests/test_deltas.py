@@ -105,15 +105,35 @@ def test_delta_exporter_time_cadence_resume_and_deletions(tmp_path):
     assert len(exporter.written) == 1
     emb(np.array([4]), timestamp=200, training=True)
     emb.table.evict()  # 1, 2, 3 expire
-    # A new exporter (a restarted trainer) continues the chain from the files.
-    again = DeltaExporter(str(tmp_path), every_n_steps=1)
-    again.set_model(model)
-    again.on_train_begin()
-    again.publish()
-    last = deltas.read(again.written[-1]).tables[0]
+    second = DeltaExporter(str(tmp_path), every_n_steps=1)  # same process, same table history
+    second.set_model(model)
+    exporter.publish()
+    last = deltas.read(exporter.written[-1]).tables[0]
     first = deltas.read(exporter.written[0]).tables[0]
     assert not last.full and last.since_version == first.version
     assert sorted(last.keys.tolist()) == [4] and sorted(last.deleted_keys.tolist()) == [1, 2, 3]
+    # A new exporter (a restarted trainer) cannot prove the table's history:
+    # it continues the file numbering but sends each table in full.
+    second.publish()
+    restarted = deltas.read(second.written[0])
+    assert restarted.sequence == deltas.read(exporter.written[-1]).sequence + 1
+    assert restarted.tables[0].full and sorted(restarted.tables[0].keys.tolist()) == [4]
+
+
+def test_delta_exporter_sends_full_copy_after_a_restore(tmp_path):
+    import tensorflow as tf
+    model, emb = model_with_tables()
+    exporter = DeltaExporter(str(tmp_path / "d"), every_n_steps=1)
+    exporter.set_model(model)
+    emb(np.array([1, 2]), timestamp=1, training=True)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    emb(np.array([3]), timestamp=2, training=True)
+    exporter.publish()
+    tf.train.Checkpoint(model=model).restore(path)  # back to {1, 2}
+    emb(np.array([5]), timestamp=3, training=True)  # version catches up exactly
+    exporter.publish()
+    after = deltas.read(exporter.written[-1]).tables[0]
+    assert after.full and sorted(after.keys.tolist()) == [1, 2, 5]
 
 
 def test_delta_exporter_argument_checks():

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <random>
 #include <stdexcept>
 #include <tuple>
 
@@ -20,6 +21,11 @@ constexpr int kMetaFixed = 6;  // format, num_shards, dim, slot_width, newest ti
 constexpr size_t kDeletionLogLimit = size_t{1} << 20;
 // Serving lookups split a shard's keys into tasks of at least this many.
 constexpr int64_t kMinReadTask = 4096;
+
+uint64_t NewGeneration() {
+  std::random_device device;
+  return (static_cast<uint64_t>(device()) << 32) ^ device();
+}
 
 int Log2(uint64_t x) {
   int r = 0;
@@ -115,6 +121,7 @@ EmbeddingTable::EmbeddingTable(const TableConfig& config) : config_(config) {
   }
   for (int s = 0; s < shards; ++s) shards_.emplace_back(new Shard(row_bytes_, sketch_width));
   newest_event_time_.store(std::numeric_limits<int64_t>::min());
+  generation_.store(NewGeneration());
 }
 
 EmbeddingTable::~EmbeddingTable() = default;
@@ -490,6 +497,7 @@ void EmbeddingTable::Import(const SnapshotView& s) {
   }
   newest_event_time_.store(s.meta[4]);
   version_.store(static_cast<uint64_t>(s.meta[5]));
+  generation_.store(NewGeneration());
 }
 
 uint64_t EmbeddingTable::ExportDelta(uint64_t since,

@@ -124,6 +124,10 @@ class EmbeddingTable {
   int64_t Size() const;
   int64_t NewestEventTime() const { return newest_event_time_.load(std::memory_order_relaxed); }
   uint64_t CurrentVersion() const { return version_.load(std::memory_order_relaxed); }
+  // A random id of this table's history, drawn at creation and again at every
+  // Import: versions are only comparable within one generation, so a delta
+  // consumer that sees it change must take a full copy.
+  uint64_t Generation() const { return generation_.load(std::memory_order_relaxed); }
   size_t MemoryBytes() const;
 
   // A consistent snapshot of everything (rows, admission sketch, counters).
@@ -167,6 +171,7 @@ class EmbeddingTable {
   std::vector<std::unique_ptr<Shard>> shards_;
   std::atomic<int64_t> newest_event_time_;
   std::atomic<uint64_t> version_{0};  // bumped once per mutating call
+  std::atomic<uint64_t> generation_{0};
 };
 
 }  // namespace monolith

@@ -257,8 +257,8 @@ class HashTableStatsOp : public OpKernel {
     OP_REQUIRES_OK(ctx, GetTable(ctx, &table));
     const EmbeddingTable& t = table->table();
     const int64_t values[] = {t.Size(), t.NewestEventTime(), static_cast<int64_t>(t.CurrentVersion()),
-                              static_cast<int64_t>(t.MemoryBytes())};
-    for (int i = 0; i < 4; ++i) {
+                              static_cast<int64_t>(t.MemoryBytes()), static_cast<int64_t>(t.Generation())};
+    for (int i = 0; i < 5; ++i) {
       Tensor* out = nullptr;
       OP_REQUIRES_OK(ctx, ctx->allocate_output(i, TensorShape({}), &out));
       out->scalar<int64_t>()() = values[i];

@@ -114,9 +114,10 @@ REGISTER_OP("Monolith>HashTableStats")
     .Output("newest_event_time: int64")
     .Output("version: int64")
     .Output("memory_bytes: int64")
+    .Output("generation: int64")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
-      for (int i = 0; i < 4; ++i) c->set_output(i, c->Scalar());
+      for (int i = 0; i < 5; ++i) c->set_output(i, c->Scalar());
       return absl::OkStatus();
     });
 
