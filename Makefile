@@ -70,7 +70,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(MAKE) -j2 so
-	$(VPY) -m monolith_tf.demo
+	TF_CPP_MIN_LOG_LEVEL=2 $(VPY) -m monolith_tf.demo
+	TF_CPP_MIN_LOG_LEVEL=2 $(VPY) -m monolith_tf.serving_demo
 
 bench: $(STAMP)
 	$(MAKE) -j2 so
