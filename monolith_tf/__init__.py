@@ -19,3 +19,4 @@ SAVE_NAMESPACE = "Monolith"
 # Loading the library registers the ops, which SavedModel loading needs even
 # before any HashTable is built in this process.
 _load_ops()
+from monolith_tf.estimator import Monolith  # noqa: E402,F401  (the estimator, on top of everything above)
