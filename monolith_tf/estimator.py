@@ -777,6 +777,19 @@ class Monolith:
 
     # -- persistence -----------------------------------------------------------------
 
+    def export(self, base_dir, *, portable=False):
+        """Writes the next numbered SavedModel version under `base_dir` for TF
+        Serving or `monolith_tf.serving` (see monolith_tf.export.save).
+
+        The serving signature takes the model's inputs ("user", "item",
+        "timestamp", and the side-feature matrices when the model uses them)
+        and returns the raw predicted rating, before `predict`'s clipping.
+        """
+        if self._keras is None:
+            raise ValueError(f"Monolith '{self.name}': call fit() before export()")
+        from monolith_tf import export as _export
+        return _export.save(self._keras, base_dir, portable=portable, model_name=self.name)
+
     def save(self, path):
         """Writes the whole estimator to the single file `path` (atomically; no pickle)."""
         self._require_fitted("saving")

@@ -127,3 +127,22 @@ def test_delta_and_dense_endpoints(tmp_path, portable):
     loaded.assign_dense(*[weights[d["name"]].numpy() for d in meta["dense"]])
     got = serve(user=tf.constant(QUERY["user"]), item=tf.constant(QUERY["item"]))["predictions"].numpy()
     np.testing.assert_allclose(got, model.predict(QUERY, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_monolith_estimator_export(tmp_path):
+    from monolith_tf import Monolith
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(1, 50, 2000), rng.integers(1, 80, 2000)
+    estimator = Monolith(name="tutorial", embedding_dim=8, epochs=1, verbose=False)
+    with pytest.raises(ValueError, match="call fit"):
+        estimator.export(str(tmp_path))
+    estimator.fit(user_ids=users, item_ids=items, ratings=rng.integers(1, 6, 2000).astype(np.float32))
+    path = estimator.export(str(tmp_path), portable=True)
+    meta = json.load(open(os.path.join(path, export.METADATA_FILE)))
+    assert meta["model_name"] == "tutorial" and meta["mode"] == "portable"
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    query = {"user": np.array([1, 2], np.int64), "item": np.array([3, 4], np.int64),
+             "timestamp": np.array([0, 0], np.int64)}
+    got = serve(**{k: tf.constant(v) for k, v in query.items() if k in meta["inputs"]})["predictions"].numpy()
+    want = estimator.keras_model.predict({k: v for k, v in query.items() if k in meta["inputs"]}, verbose=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
