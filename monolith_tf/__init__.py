@@ -10,7 +10,7 @@ from monolith_tf._ops import ops as _load_ops
 from monolith_tf.hash_table import HashTable
 
 __version__ = "0.1.0"
-__all__ = ["HashTable", "optimizers", "SAVE_NAMESPACE"]
+__all__ = ["HashTable", "Monolith", "optimizers", "SAVE_NAMESPACE"]
 
 # Pass to tf.saved_model.SaveOptions(namespace_whitelist=...) when saving
 # graphs that contain this package's ops.
