@@ -31,11 +31,12 @@ import io
 import json
 import os
 import struct
-import tempfile
 import time
 import zlib
 
 import numpy as np
+
+from monolith_tf._files import atomic_write
 
 __all__ = ["ModelFileError", "write", "read", "MAGIC", "FORMAT", "FORMAT_VERSION"]
 
@@ -76,29 +77,14 @@ def write(path, config, arrays):
               "config": config, "arrays": manifest}
     header_bytes = json.dumps(header, sort_keys=True, allow_nan=False).encode("utf-8")
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            digest = hashlib.sha256()
-            for chunk in (MAGIC, struct.pack("<Q", len(header_bytes)), header_bytes, *blobs):
-                f.write(chunk)
-                digest.update(chunk)
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    def write_file(f):
+        digest = hashlib.sha256()
+        for chunk in (MAGIC, struct.pack("<Q", len(header_bytes)), header_bytes, *blobs):
+            f.write(chunk)
+            digest.update(chunk)
+        f.write(digest.digest())
+
+    atomic_write(path, write_file)
 
 
 def read(path):

@@ -14,13 +14,13 @@ DeltaExporter or a new export version carries them.
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
 from monolith_tf import deltas
+from monolith_tf._files import atomic_write
 from monolith_tf.hash_table import CONFIG_KEY
 
 FLAGS = flags.FLAGS
@@ -76,25 +76,10 @@ def _load_state(delta_dir, table):
     return state["version"], keys
 
 
-def _atomic_write(path, write):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_state(delta_dir, table, version, keys):
     meta_path, keys_path = _state_paths(delta_dir, table)
-    _atomic_write(keys_path, lambda f: np.save(f, keys, allow_pickle=False))
-    _atomic_write(meta_path, lambda f: f.write(json.dumps({"version": version, "num_keys": len(keys)}).encode()))
+    atomic_write(keys_path, lambda f: np.save(f, keys, allow_pickle=False))
+    atomic_write(meta_path, lambda f: f.write(json.dumps({"version": version, "num_keys": len(keys)}).encode()))
 
 
 def export_once(checkpoint_dir, delta_dir, model_name):

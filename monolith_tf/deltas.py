@@ -31,10 +31,11 @@ import json
 import os
 import re
 import struct
-import tempfile
 import time
 
 import numpy as np
+
+from monolith_tf._files import atomic_write
 
 __all__ = ["Delta", "TableDelta", "DeltaError", "write", "read", "list_sequences", "next_sequence", "path_for"]
 
@@ -141,25 +142,19 @@ def write(delta_dir, delta):
     }
     header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
     path = path_for(delta_dir, delta.sequence)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".delta", dir=delta_dir)
-    try:
+
+    def write_file(f):
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f:
-            for chunk in (MAGIC, struct.pack("<Q", len(header_bytes)), header_bytes):
-                f.write(chunk)
-                digest.update(chunk)
-            for _, a in arrays:
-                data = memoryview(a).cast("B") if a.size else b""
-                f.write(data)
-                digest.update(data)
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for chunk in (MAGIC, struct.pack("<Q", len(header_bytes)), header_bytes):
+            f.write(chunk)
+            digest.update(chunk)
+        for _, a in arrays:
+            data = memoryview(a).cast("B") if a.size else b""
+            f.write(data)
+            digest.update(data)
+        f.write(digest.digest())
+
+    atomic_write(path, write_file)
     return path
 
 

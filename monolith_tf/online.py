@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from monolith_tf import metrics as _metrics
+from monolith_tf._files import atomic_write
 from monolith_tf import optimizers, streams
 from monolith_tf.callbacks import DeltaExporter
 from monolith_tf.layers import HashEmbedding, embedding_layers
@@ -74,19 +75,7 @@ def rss_bytes():
 
 
 def _atomic_write(path, data: bytes):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def read_state(checkpoint_dir):
