@@ -595,7 +595,6 @@ def throughput_processes(workers, workdir, port, inputs_path, batch, clients, to
         for p, ready, _ in procs:
             workers.wait_ready(p, ready, FLAGS.phase_timeout)
         s0 = proc_cpu_seconds(replica_pid)
-        c0 = {p.pid: proc_cpu_seconds(p.pid) for p, _, _ in procs}
         open(go, "w").close()
         for p, _, _ in procs:
             p.wait(timeout=FLAGS.phase_timeout)
@@ -624,7 +623,6 @@ def wait_served(trainer_result, replicas, probe_request, failures):
     """Probes every replica until it returns the expected prediction and has
     logged the apply; returns per-replica times."""
     import grpc
-    import numpy as np
     import tensorflow as tf
     expected, before = trainer_result["expected"], trainer_result["before"]
     tol = min(1e-5, abs(expected - before) / 10)
