@@ -46,6 +46,8 @@ flags.DEFINE_integer("batch", 65536, "Keys per op call.")
 flags.DEFINE_integer("repeats", 7, "Timed repeats per measurement; the median is reported.")
 flags.DEFINE_integer("batches_per_repeat", 4, "Op calls (distinct batches) timed together in one repeat.")
 flags.DEFINE_integer("warmup", 3, "Untimed calls before timing.")
+flags.DEFINE_integer("rounds", 1, "Run every timing config this many times (configs interleaved, each in a fresh "
+                     "process) and report the median over rounds; use 3+ on a noisy machine.")
 flags.DEFINE_integer("mem_size", 10_000_000, "Keys in the memory measurement.")
 flags.DEFINE_list("mem_dims", ["16"], "Dims for the memory measurement (the target is for dim 16).")
 flags.DEFINE_bool("eager", True, "Also time the ops eagerly (no tf.function).")
@@ -389,6 +391,23 @@ def spawn(args, label, t0):
         os.unlink(path)
 
 
+def merge_rounds(outs):
+    """One timing result from several rounds: the median of each table's
+    per-round medians, all samples pooled, and each round's ours/Dense ratio."""
+    merged = dict(outs[0], rounds=len(outs), foreign_cores=max(o["foreign_cores"] for o in outs))
+    merged["results"] = {}
+    for kind in outs[0]["results"]:
+        res = {}
+        for key in outs[0]["results"][kind]:
+            vals = [o["results"][kind][key] for o in outs]
+            res[key] = sum(vals, []) if key.endswith("/samples") else statistics.median(vals)
+        merged["results"][kind] = res
+    merged["round_ratios"] = {
+        key: [o["results"]["ours"][key] / o["results"]["dense"][key] for o in outs]
+        for key in outs[0]["results"]["ours"] if not key.endswith("/samples") and key != "rss_after_fill"}
+    return merged
+
+
 def machine_info():
     model = "?"
     with open("/proc/cpuinfo") as f:
@@ -423,6 +442,15 @@ def raw_row_bytes(dim):
     return 8 + 4 * dim + 4 * dim + 8  # key + values + Adagrad accumulator + last-seen
 
 
+def per_round(timing, size, dim, op):
+    """' [r1 r2 ...]': each round's ours/Dense ratio, when there were rounds."""
+    for t in timing:
+        ratios = t.get("round_ratios", {}).get(f"{op}/function", [])
+        if t["size"] == size and t["dim"] == dim and len(ratios) > 1:
+            return " [" + " ".join(f"{x:.2f}" for x in ratios) + "]"
+    return ""
+
+
 def spread_of(samples):
     if not samples:
         return 0.0
@@ -443,7 +471,8 @@ def report(timing, memory, info):
       + (" -- WARNING: numbers are disturbed; rerun on a quiet machine." if info["foreign_cores"] > 0.1 else "."))
     p("  per timing config: " + ", ".join(f"{fmt_n(t['size'])}/d{t['dim']} {t['foreign_cores']:.2f}" for t in timing))
     p(f"Batch {FLAGS.batch} keys; median of {FLAGS.repeats} repeats x {FLAGS.batches_per_repeat} batches "
-      f"after {FLAGS.warmup} warm-up calls; seed {FLAGS.seed}.")
+      f"after {FLAGS.warmup} warm-up calls" + (f", then the median over {FLAGS.rounds} rounds "
+      "(each in a fresh process; [..] = each round's ratio)" if FLAGS.rounds > 1 else "") + f"; seed {FLAGS.seed}.")
     p("")
     p("Throughput in keys/s (M = million). 'train' = ours: lookup(train=True) + apply_gradients (Adagrad) over "
       f"{100 - NEW_FRACTION * 100:.0f}% existing + {NEW_FRACTION * 100:.0f}% new keys;")
@@ -507,7 +536,7 @@ def report(timing, memory, info):
                       ("train", "training step >= 1x DenseHashTable insert")):
         got = [r for r in rows if r[0] == op]
         if got:
-            detail = ", ".join(f"{fmt_n(s)}/d{d} {x:.2f}x" for _, s, d, x, _ in got)
+            detail = ", ".join(f"{fmt_n(s)}/d{d} {x:.2f}x{per_round(timing, s, d, op)}" for _, s, d, x, _ in got)
             p(f"  {label:<48} {verdict(all(r[3] >= TARGETS[op] for r in got))}  ({detail})")
     for dim, st, rs in mem_rows:
         p(f"  {'memory <= 1.3x raw payload (dim ' + str(dim) + ')':<48} "
@@ -547,7 +576,8 @@ def plot(rows, mem_rows, path):
         ax.bar_label(ax.bar(range(len(vals)), vals, width=0.6), fmt="%.2f", fontsize=8)
         ax.axhline(TARGETS["memory"], color="red", ls="--", lw=1, label="target 1.3x")
         ax.set_xticks(range(len(vals)), labels)
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, max(vals + [TARGETS["memory"]]) * 1.15)
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_ylabel("bytes per row / raw payload")
     ax.set_title(f"Memory, {fmt_n(FLAGS.mem_size)} keys (lower = better)")
     fig.tight_layout()
@@ -572,13 +602,17 @@ def main(argv):
     foreign = ForeignLoad()
     configs = [(s, d) for s in sizes for d in dims]
     mem_kinds = [k for k in KINDS if k != "mutable" or FLAGS.mutable]
-    total = len(configs) + len(mem_dims) * len(mem_kinds)
+    total = len(configs) * FLAGS.rounds + len(mem_dims) * len(mem_kinds)
     step = 0
     timing, memory = [], []
-    for size, dim in configs:
-        step += 1
-        timing.append(spawn(["--worker=timing", f"--worker_size={size}", f"--worker_dim={dim}"],
-                            f"[{step}/{total}] timing size={fmt_n(size)} dim={dim}", t0))
+    rounds = {c: [] for c in configs}
+    for r in range(FLAGS.rounds):
+        for size, dim in configs:
+            step += 1
+            tag = f" round {r + 1}/{FLAGS.rounds}" if FLAGS.rounds > 1 else ""
+            rounds[(size, dim)].append(spawn(["--worker=timing", f"--worker_size={size}", f"--worker_dim={dim}"],
+                                             f"[{step}/{total}] timing size={fmt_n(size)} dim={dim}{tag}", t0))
+    timing = [merge_rounds(rounds[c]) for c in configs]
     for dim in mem_dims:
         for kind in mem_kinds:
             step += 1
@@ -601,7 +635,7 @@ def main(argv):
     if FLAGS.out_json:
         with open(FLAGS.out_json, "w") as f:
             json.dump({"machine": info, "flags": {n: FLAGS[n].value for n in (
-                "sizes", "dims", "batch", "repeats", "batches_per_repeat", "warmup", "mem_size", "seed")},
+                "sizes", "dims", "batch", "repeats", "batches_per_repeat", "warmup", "rounds", "mem_size", "seed")},
                 "timing": timing, "memory": memory}, f, indent=1)
         print(f"Raw results: {FLAGS.out_json}")
 
