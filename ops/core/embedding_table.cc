@@ -1,6 +1,7 @@
 #include "ops/core/embedding_table.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -34,6 +35,44 @@ int Log2(uint64_t x) {
 }
 
 std::string Quote(const std::string& name) { return "HashTable '" + name + "': "; }
+
+// How many keys ahead the batch loops prefetch. Rows and index slots of a big
+// table are cache misses; keeping several in flight, instead of waiting for
+// each in turn, is most of the speed of every batch operation.
+constexpr int64_t kAhead = 8;
+
+// Asks the CPU to start loading every cache line of [p, p + bytes).
+inline void PrefetchRange(const void* p, size_t bytes, bool for_write) {
+  constexpr uintptr_t kLine = 64;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~(kLine - 1); a < end; a += kLine) {
+    if (for_write) {
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 1);
+    } else {
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 0);
+    }
+  }
+}
+
+// Index of the first inf or NaN in x[0, n), or -1. A float is non-finite
+// exactly when its exponent bits are all ones; testing the bits as integers
+// lets the compiler vectorise the scan (a float sum may not be reordered).
+int64_t FirstNonFinite(const float* x, int64_t n) {
+  constexpr uint32_t kExponent = 0x7F800000u;
+  uint32_t worst = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, x + j, sizeof(bits));
+    worst = std::max(worst, bits & kExponent);
+  }
+  if (worst != kExponent) return -1;
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, x + j, sizeof(bits));
+    if ((bits & kExponent) == kExponent) return j;
+  }
+  return -1;
+}
 
 // A small open-addressing map from row number to a dense slot, used to sum
 // the gradients of repeated keys without a heap node per key.
@@ -228,7 +267,6 @@ void EmbeddingTable::Find(const int64_t* keys, int64_t n, float* out, const Para
     // Two passes, each prefetching a few keys ahead: first resolve slots to
     // rows, then copy rows. At 10M rows both are cache misses, and overlapping
     // them is most of the speed.
-    constexpr int64_t kAhead = 8;
     std::vector<const char*> rows(e - b);
     for (int64_t k = b; k < e; ++k) {
       if (k + kAhead < e) shard.index.Prefetch(plan.hashes[plan.order[k + kAhead]]);
@@ -237,7 +275,8 @@ void EmbeddingTable::Find(const int64_t* keys, int64_t n, float* out, const Para
       rows[k - b] = r == HashIndex::kNoRow ? nullptr : shard.rows.row(r);
     }
     for (int64_t k = b; k < e; ++k) {
-      if (k + kAhead < e && rows[k + kAhead - b] != nullptr) __builtin_prefetch(rows[k + kAhead - b]);
+      if (k + kAhead < e && rows[k + kAhead - b] != nullptr)
+        PrefetchRange(Values(rows[k + kAhead - b]), sizeof(float) * dim, /*for_write=*/false);
       float* dst = out + plan.order[k] * dim;
       const char* row = rows[k - b];
       if (row == nullptr) {
@@ -258,15 +297,33 @@ void EmbeddingTable::LookupForTraining(const int64_t* keys, int64_t n, Timestamp
   const uint64_t version = version_.fetch_add(1, std::memory_order_relaxed) + 1;
   const int64_t min_count = config_.min_count;
   pf(num_shards(), [&](int64_t s) {
-    if (plan.begin[s] == plan.begin[s + 1]) return;
+    const int64_t b = plan.begin[s], e = plan.begin[s + 1];
+    if (b == e) return;
     Shard& shard = *shards_[s];
     std::unique_lock<std::shared_mutex> lock(shard.mu);
-    for (int64_t k = plan.begin[s]; k < plan.begin[s + 1]; ++k) {
+    // Pass 1 resolves existing rows with the index slots prefetched ahead.
+    std::vector<uint32_t> rows(e - b);
+    for (int64_t k = b; k < e; ++k) {
+      if (k + kAhead < e) shard.index.Prefetch(plan.hashes[plan.order[k + kAhead]]);
+      const int64_t i = plan.order[k];
+      rows[k - b] = shard.index.Find(keys[i], plan.hashes[i]);
+    }
+    // Pass 2 admits, creates and stamps rows and copies them out, prefetching
+    // rows ahead. Capacity eviction moves rows (the last row fills the hole),
+    // so once it has happened the rows found in pass 1 are stale and every
+    // later key is looked up again.
+    bool renumbered = false;
+    for (int64_t k = b; k < e; ++k) {
+      if (!renumbered && k + kAhead < e && rows[k + kAhead - b] != HashIndex::kNoRow)
+        PrefetchRange(shard.rows.row(rows[k + kAhead - b]), sizeof(RowHeader) + sizeof(float) * dim, true);
       const int64_t i = plan.order[k];
       const uint64_t hash = plan.hashes[i];
       const int64_t t = ts.at(i);
       float* dst = out + i * dim;
-      uint32_t r = shard.index.Find(keys[i], hash);
+      uint32_t r = renumbered ? shard.index.Find(keys[i], hash) : rows[k - b];
+      // A key missing in pass 1 may have been created by its own earlier
+      // occurrence in this batch.
+      if (r == HashIndex::kNoRow && !renumbered) r = shard.index.Find(keys[i], hash);
       if (r == HashIndex::kNoRow) {
         if (min_count > 1 && shard.sketch.Add(hash) < static_cast<uint32_t>(min_count)) {
           std::memset(dst, 0, sizeof(float) * dim);
@@ -274,6 +331,7 @@ void EmbeddingTable::LookupForTraining(const int64_t* keys, int64_t n, Timestamp
         }
         if (shard_capacity_ > 0 && static_cast<int64_t>(shard.rows.size()) >= shard_capacity_) {
           EvictLeastRecent(shard, version);
+          renumbered = true;
         }
         r = CreateRow(shard, keys[i], hash, t, version);
       }
@@ -294,54 +352,71 @@ int64_t EmbeddingTable::ApplyGradients(const int64_t* keys, int64_t n, const flo
   if (ts.size != 0 && ts.size != 1 && ts.size != n)
     throw std::invalid_argument(Quote(config_.name) + "need no timestamp, one, or one per id");
   const int dim = config_.dim;
-  // x * 0 is 0 for every finite x and NaN for inf and NaN; the sum vectorises.
-  float probe = 0.0f;
-  for (int64_t j = 0; j < n * dim; ++j) probe += grads[j] * 0.0f;
-  if (probe != 0.0f) {
-    for (int64_t j = 0; j < n * dim; ++j) {
-      if (!(grads[j] * 0.0f == 0.0f)) {
-        throw std::invalid_argument(Quote(config_.name) + "non-finite gradient " + std::to_string(grads[j]) +
-                                    " for id " + std::to_string(keys[j / dim]) + " (element " +
-                                    std::to_string(j % dim) + "); no row was updated");
-      }
-    }
+  const int64_t bad = FirstNonFinite(grads, n * dim);
+  if (bad >= 0) {
+    throw std::invalid_argument(Quote(config_.name) + "non-finite gradient " + std::to_string(grads[bad]) +
+                                " for id " + std::to_string(keys[bad / dim]) + " (element " +
+                                std::to_string(bad % dim) + "); no row was updated");
   }
   const Plan plan = MakePlan(keys, n);
   const uint64_t version = version_.fetch_add(1, std::memory_order_relaxed) + 1;
   std::vector<int64_t> updated(num_shards(), 0);
   pf(num_shards(), [&](int64_t s) {
     Shard& shard = *shards_[s];
-    const int64_t count = plan.begin[s + 1] - plan.begin[s];
-    if (count == 0) return;
+    const int64_t b = plan.begin[s], e = plan.begin[s + 1];
+    if (b == e) return;
     std::unique_lock<std::shared_mutex> lock(shard.mu);
-    // Sum repeated keys in input order, then step each row once.
-    RowSlots slot_of(count);
+    // Pass 1: resolve rows (index slots prefetched ahead) and sum repeated
+    // keys in input order. A key seen once is stepped straight from `grads`;
+    // only repeats are summed into a buffer, so the common case copies nothing.
+    RowSlots slot_of(e - b);
     std::vector<uint32_t> rows;
+    std::vector<int64_t> first;   // per distinct row: input position of its first occurrence
+    std::vector<int32_t> summed;  // per distinct row: its sum in `sums`, or -1 if seen once
     std::vector<int64_t> times;
     std::vector<float> sums;
-    for (int64_t k = plan.begin[s]; k < plan.begin[s + 1]; ++k) {
+    rows.reserve(e - b);
+    first.reserve(e - b);
+    summed.reserve(e - b);
+    times.reserve(e - b);
+    for (int64_t k = b; k < e; ++k) {
+      if (k + kAhead < e) shard.index.Prefetch(plan.hashes[plan.order[k + kAhead]]);
       const int64_t i = plan.order[k];
       const uint32_t r = shard.index.Find(keys[i], plan.hashes[i]);
       if (r == HashIndex::kNoRow) continue;
       bool fresh;
       const uint32_t slot = slot_of.Get(r, &fresh);
-      const float* g = grads + i * dim;
       const int64_t t = ts.size == 0 ? std::numeric_limits<int64_t>::min() : ts.at(i);
       if (fresh) {
         rows.push_back(r);
+        first.push_back(i);
+        summed.push_back(-1);
         times.push_back(t);
-        sums.insert(sums.end(), g, g + dim);
-      } else {
-        float* acc = sums.data() + static_cast<size_t>(slot) * dim;
-        for (int j = 0; j < dim; ++j) acc[j] += g[j];
-        times[slot] = std::max(times[slot], t);
+        continue;
       }
+      if (summed[slot] < 0) {
+        summed[slot] = static_cast<int32_t>(sums.size() / dim);
+        const float* g0 = grads + first[slot] * dim;
+        sums.insert(sums.end(), g0, g0 + dim);
+      }
+      float* acc = sums.data() + static_cast<size_t>(summed[slot]) * dim;
+      const float* g = grads + i * dim;
+      for (int j = 0; j < dim; ++j) acc[j] += g[j];
+      times[slot] = std::max(times[slot], t);
     }
+    // Pass 2: one optimizer step per row, its row and gradient prefetched ahead.
+    auto grad_of = [&](size_t u) {
+      return summed[u] < 0 ? grads + first[u] * dim : sums.data() + static_cast<size_t>(summed[u]) * dim;
+    };
     for (size_t u = 0; u < rows.size(); ++u) {
+      if (u + kAhead < rows.size()) {
+        PrefetchRange(shard.rows.row(rows[u + kAhead]), row_bytes_, /*for_write=*/true);
+        PrefetchRange(grad_of(u + kAhead), sizeof(float) * dim, /*for_write=*/false);
+      }
       char* row = shard.rows.row(rows[u]);
       RowHeader* h = reinterpret_cast<RowHeader*>(row);
       float* values = Values(row);
-      ApplyUpdate(config_.optimizer, dim, sums.data() + u * dim, values, values + dim);
+      ApplyUpdate(config_.optimizer, dim, grad_of(u), values, values + dim);
       h->version = version;
       if (times[u] > h->last_seen) h->last_seen = times[u];
     }

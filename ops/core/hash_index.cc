@@ -25,7 +25,7 @@ void HashIndex::Erase(int64_t key, uint64_t hash) {
 }
 
 void HashIndex::Rehash(size_t new_slots) {
-  std::vector<Slot> old;
+  Slots old;
   old.swap(slots_);
   slots_.assign(new_slots, Slot{0, kNoRow});
   mask_ = new_slots - 1;

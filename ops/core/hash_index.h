@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "ops/core/huge_pages.h"
+
 namespace monolith {
 
 class HashIndex {
@@ -56,11 +58,14 @@ class HashIndex {
 
   size_t size() const { return size_; }
   size_t num_slots() const { return slots_.size(); }
-  size_t MemoryBytes() const { return slots_.capacity() * sizeof(Slot); }
+  size_t MemoryBytes() const {
+    const size_t bytes = slots_.capacity() * sizeof(Slot);
+    return bytes >= HugePageAllocator<Slot>::kMinBytes ? RoundUpToHugePages(bytes) : bytes;
+  }
 
   // Drops every key and shrinks back to the minimum size.
   void Clear() {
-    std::vector<Slot>().swap(slots_);
+    Slots().swap(slots_);
     size_ = 0;
     Rehash(kMinSlots);
   }
@@ -79,10 +84,12 @@ class HashIndex {
     uint32_t row;
   };
   static constexpr size_t kMinSlots = 16;
+  // A big index is probed at random: huge pages (when it is big) spare a TLB miss.
+  using Slots = std::vector<Slot, HugePageAllocator<Slot>>;
 
   void Rehash(size_t new_slots);
 
-  std::vector<Slot> slots_;
+  Slots slots_;
   size_t mask_ = 0;
   size_t size_ = 0;
 };

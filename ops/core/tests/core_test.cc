@@ -15,6 +15,7 @@
 #include "ops/core/embedding_table.h"
 #include "ops/core/hash_index.h"
 #include "ops/core/hashing.h"
+#include "ops/core/row_arena.h"
 #include "ops/core/tests/check.h"
 
 using namespace monolith;
@@ -109,6 +110,39 @@ TEST(IndexMatchesReferenceUnderRandomInsertsAndErases) {
   }
 }
 
+// Growing past the small chunks into huge-page slabs and shrinking back across
+// slab boundaries keeps every row's bytes, and frees what it should.
+TEST(RowArenaKeepsRowsAcrossSlabBoundaries) {
+  RowArena arena(152);  // 256-row chunks of 38,912 bytes: 53 chunks per 2 MiB slab
+  auto fill = [&](size_t r) { std::memset(arena.row(r), static_cast<int>(r * 7 % 251), 152); };
+  auto ok = [&](size_t r) {
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(arena.row(r));
+    for (int b = 0; b < 152; ++b)
+      if (p[b] != r * 7 % 251) return false;
+    return true;
+  };
+  const size_t big = 256 * 53 * 3 + 100;  // the small chunks, two full slabs and part of a third
+  for (size_t r = 0; r < big; ++r) {
+    CHECK_EQ(arena.Append(), r);
+    fill(r);
+  }
+  const size_t grown = arena.MemoryBytes();
+  CHECK(grown >= 3 * kHugePageBytes);
+  for (size_t r = 0; r < big; ++r) CHECK(ok(r));
+  while (arena.size() > 256 * 53 - 5) arena.PopBack();  // back into the small chunks
+  CHECK(arena.MemoryBytes() <= 53 * 256 * 152 + kHugePageBytes + 4096);  // one slab kept: PopBack lags a chunk
+  for (size_t r = 0; r < arena.size(); ++r) CHECK(ok(r));
+  for (size_t r = arena.size(); r < big; ++r) {
+    CHECK_EQ(arena.Append(), r);
+    fill(r);
+  }
+  for (size_t r = 0; r < big; ++r) CHECK(ok(r));
+  CHECK_EQ(arena.MemoryBytes(), grown);
+  arena.Clear();
+  CHECK_EQ(arena.size(), size_t{0});
+  CHECK(arena.MemoryBytes() < 4096);
+}
+
 TEST(SketchCountsExactlyWithoutCollisionsAndSaturates) {
   AdmissionSketch sketch(1 << 16);
   for (int i = 1; i <= 50; ++i) CHECK_EQ(sketch.Add(HashKey(42)), static_cast<uint32_t>(i));
@@ -175,6 +209,51 @@ TEST(CapacityKeepsMostRecentlySeen) {
   CHECK(t.Size() >= 630);
   Snapshot s = Export(t);
   for (int64_t k : s.keys) CHECK(k >= 5000 - 640);
+}
+
+// Batch lookups resolve rows in one pass and use them in a second; capacity
+// evictions in between renumber rows. Every output must still be its own key's
+// row (here: its initial value, a pure function of the key).
+TEST(EvictionInsideABatchReturnsEachKeysOwnRow) {
+  TableConfig c = Config(3);
+  c.initializer.kind = InitializerKind::kRandomUniform;
+  c.initializer.a = -1;
+  c.initializer.b = 1;
+  c.capacity = 256;
+  EmbeddingTable t(c);
+  std::mt19937_64 rng(7);
+  for (int round = 0; round < 5; ++round) {
+    std::vector<int64_t> keys(3000);
+    for (auto& k : keys) k = static_cast<int64_t>(rng() % 2000);  // repeats, and more keys than capacity
+    std::vector<float> out(keys.size() * 3);
+    const int64_t ts = round;
+    t.LookupForTraining(keys.data(), keys.size(), Timestamps{&ts, 1}, out.data(), SerialFor);
+    CHECK(t.Size() <= 256);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      float want[3];
+      InitializeRow(c.initializer, keys[i], 3, want);
+      for (int j = 0; j < 3; ++j) CHECK_EQ(out[i * 3 + j], want[j]);
+    }
+  }
+}
+
+TEST(NonFiniteGradientFoundAnywhere) {
+  EmbeddingTable t(Config(4));
+  std::vector<int64_t> keys(1000);
+  for (int64_t i = 0; i < 1000; ++i) keys[i] = i;
+  Train(t, keys, 0);
+  std::vector<float> grads(4000, 3.0e38f);  // huge but finite: accepted
+  CHECK_EQ(t.ApplyGradients(keys.data(), 1000, grads.data(), Timestamps{}, SerialFor), int64_t{1000});
+  const std::vector<float> before = Find(t, keys);
+  for (float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                    std::nanf(""), -std::nanf("")}) {
+    for (size_t at : {size_t{0}, size_t{1717}, size_t{3999}}) {
+      std::vector<float> g(4000, 0.5f);
+      g[at] = bad;
+      CHECK_THROWS(t.ApplyGradients(keys.data(), 1000, g.data(), Timestamps{}, SerialFor));
+    }
+  }
+  CHECK(Find(t, keys) == before);
 }
 
 TEST(NonFiniteGradientRejectedAndTableUnchanged) {
