@@ -62,6 +62,10 @@ flags.DEFINE_list("delta_rows", ["10000", "100000", "1000000"], "Delta sizes (ro
 flags.DEFINE_integer("delta_repeats", 3, "Deltas per size in the time-to-serve runs.")
 flags.DEFINE_integer("apply_rows", 0, "Rows of each delta applied under load (0: the largest --delta_rows).")
 flags.DEFINE_integer("apply_repeats", 5, "Deltas applied while a client hammers Predict.")
+PHASES = ("latency", "throughput", "deltas", "under_load")
+flags.DEFINE_multi_enum("phases", list(PHASES), PHASES,
+                        "Parts to run (repeat the flag): latency (1), throughput (2), deltas (3, time-to-serve), "
+                        "under_load (4, Predict latency while a delta is applied). The warm-up delta always runs.")
 flags.DEFINE_float("idle_seconds", 4.0, "Idle window measured before each delta applied under load.")
 flags.DEFINE_integer("user_rows", 1_100_000, "Rows in the user table.")
 flags.DEFINE_integer("item_rows", 100_000, "Rows in the item table.")
@@ -708,12 +712,13 @@ def run(workdir):
         t = time.monotonic()
         export.save(trainer.model, base_native)
         results["export_native_seconds"] = time.monotonic() - t
-        if FLAGS.portable:
+        use_portable = FLAGS.portable and "latency" in FLAGS.phases  # only the latency rows use it
+        if use_portable:
             t = time.monotonic()
             export.save(trainer.model, base_portable, portable=True)
             results["export_portable_seconds"] = time.monotonic() - t
         log(f"exported version 1 (native {results['export_native_seconds']:.1f}s"
-            + (f", portable {results['export_portable_seconds']:.1f}s)" if FLAGS.portable else ")"))
+            + (f", portable {results['export_portable_seconds']:.1f}s)" if use_portable else ")"))
         # The exporter's first delta: no delta in the directory yet, so it
         # sends every table in full (replicas skip it as already included).
         t = time.monotonic()
@@ -726,7 +731,7 @@ def run(workdir):
         # -- replicas ---------------------------------------------------------------------
         replicas = [Replica(workers, f"native{i}", base_native, trainer.delta_dir, workdir)
                     for i in range(FLAGS.replicas)]
-        portable = Replica(workers, "portable", base_portable, None, workdir) if FLAGS.portable else None
+        portable = Replica(workers, "portable", base_portable, None, workdir) if use_portable else None
         for r in replicas + ([portable] if portable else []):
             r.wait_ready()
             log(f"{r.label} serving on 127.0.0.1:{r.port} (started in {r.info['start_seconds']:.1f}s, "
@@ -753,7 +758,7 @@ def run(workdir):
 
         # -- 1. latency -----------------------------------------------------------------
         results["latency"] = []
-        for r in [main] + ([portable] if portable else []):
+        for r in ([main] + ([portable] if portable else [])) if "latency" in FLAGS.phases else []:
             for b in batches:
                 lat = sequential_latency(r.stub, requests[b], counts[b], failures, f"latency/{r.label}")
                 row = {"export": "portable" if r is portable else "native", "batch": b, **percentiles(lat)}
@@ -771,7 +776,7 @@ def run(workdir):
             inputs_path = os.path.join(workdir, f"inputs-{b}.npz")
             np.savez(inputs_path, user=batches[b][0], item=batches[b][1])
             total = counts[b]
-            for mode in modes:
+            for mode in modes if "throughput" in FLAGS.phases else []:
                 if mode == "threads":
                     row = throughput_threads(main.port, requests[b], b, FLAGS.clients, total, failures,
                                              main.proc.pid)
@@ -795,7 +800,7 @@ def run(workdir):
                                   "apply_seconds": max(p["apply_seconds"] for p in first)}
         log(f"first (warm-up) delta: {results['first_delta']}")
         results["deltas"] = []
-        for n in sizes:
+        for n in sizes if "deltas" in FLAGS.phases else []:
             for rep in range(FLAGS.delta_repeats):
                 time.sleep(0.5)
                 tr = trainer.step_and_publish(n)
@@ -814,65 +819,8 @@ def run(workdir):
                     f"({p0['apply_rows_per_s'] / 1e6:.2f} M rows/s)")
 
         # -- 4. latency while a big delta is applied -----------------------------------
-        apply_rows = FLAGS.apply_rows or max(sizes)
-        inputs_path = os.path.join(workdir, "inputs-1.npz")
-        stop_file = os.path.join(workdir, "hammer.stop")
-        ready = os.path.join(workdir, "hammer.ready")
-        result_path = os.path.join(workdir, "hammer.npz")
-        hammer = workers.spawn("hammer", ["--worker=client", f"--worker_port={main.port}",
-                                          f"--worker_inputs={inputs_path}", "--worker_mode=hammer",
-                                          f"--worker_stop={stop_file}", f"--worker_ready={ready}",
-                                          f"--worker_result={result_path}"])
-        idle_windows, apply_windows, serve_windows, apply_runs = [], [], [], []
-        read_only, apply_only = [], []
-        try:
-            workers.wait_ready(hammer, ready, FLAGS.phase_timeout)
-            time.sleep(1.0)
-            for rep in range(FLAGS.apply_repeats):
-                w0 = time.monotonic()
-                time.sleep(FLAGS.idle_seconds)
-                idle_windows.append((w0, time.monotonic()))
-                tr = trainer.step_and_publish(apply_rows, check_probe=False)
-                read_ev, apply_ev = wait_for(
-                    lambda: (lambda e: e if e[1] is not None else None)(main.delta_events(tr["seq"])),
-                    FLAGS.phase_timeout, f"delta {tr['seq']} to be applied", interval=0.05)
-                apply_windows.append((read_ev["t0"], apply_ev["t1"]))
-                read_only.append((read_ev["t0"], read_ev["t1"]))
-                apply_only.append((apply_ev["t0"], apply_ev["t1"]))
-                serve_windows.append((tr["t_step"], apply_ev["t1"]))
-                apply_runs.append({"read_seconds": read_ev["t1"] - read_ev["t0"],
-                                   "apply_seconds": apply_ev["t1"] - apply_ev["t0"],
-                                   "write_seconds": tr["write_seconds"], "seq": tr["seq"]})
-                log(f"under load: delta {fmt_rows(apply_rows)} #{rep} read {apply_runs[-1]['read_seconds']:.3f}s, "
-                    f"applied in {apply_runs[-1]['apply_seconds']:.3f}s")
-                time.sleep(1.0)
-        finally:
-            open(stop_file, "w").close()
-            try:
-                hammer.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-            workers.stop(hammer)
-        h = np.load(result_path)
-        starts, ends, codes = h["start"], h["end"], h["code"]
-        for c in codes[codes != 0]:
-            failures.add("hammer", f"grpc code {int(c)}")
-        lat = ends - starts
-
-        def select(windows, inside):
-            mask = np.zeros(len(starts), bool)
-            for a, b in windows:
-                mask |= (starts >= a) & (ends <= b) if inside else (ends >= a) & (starts <= b)
-            return lat[mask & (codes == 0)]
-
-        results["under_load"] = {
-            "rows": apply_rows, "runs": apply_runs, "requests": int(len(codes)), "failed": int((codes != 0).sum()),
-            "idle": percentiles(select(idle_windows, True)),
-            "during_apply": percentiles(select(apply_windows, False)),
-            "during_read": percentiles(select(read_only, False)),
-            "during_apply_op": percentiles(select(apply_only, False)),
-            "during_step_to_served": percentiles(select(serve_windows, False)),
-        }
+        if "under_load" in FLAGS.phases:
+            results["under_load"] = under_load(workers, workdir, trainer, main, sizes, failures)
         # The probe still agrees after all this.
         got = float(tf.make_ndarray(main.stub.Predict(probe_request, timeout=RPC_TIMEOUT)
                                     .outputs["predictions"]).reshape(-1)[0])
@@ -892,6 +840,71 @@ def run(workdir):
     return results
 
 
+def under_load(workers, workdir, trainer, main, sizes, failures):
+    """Part 4: a client process hammers batch-1 Predicts at `main` while
+    --apply_repeats deltas of --apply_rows rows are published and applied."""
+    import numpy as np
+    apply_rows = FLAGS.apply_rows or max(sizes)
+    inputs_path = os.path.join(workdir, "inputs-1.npz")
+    stop_file = os.path.join(workdir, "hammer.stop")
+    ready = os.path.join(workdir, "hammer.ready")
+    result_path = os.path.join(workdir, "hammer.npz")
+    hammer = workers.spawn("hammer", ["--worker=client", f"--worker_port={main.port}",
+                                      f"--worker_inputs={inputs_path}", "--worker_mode=hammer",
+                                      f"--worker_stop={stop_file}", f"--worker_ready={ready}",
+                                      f"--worker_result={result_path}"])
+    idle_windows, apply_windows, serve_windows, apply_runs = [], [], [], []
+    read_only, apply_only = [], []
+    try:
+        workers.wait_ready(hammer, ready, FLAGS.phase_timeout)
+        time.sleep(1.0)
+        for rep in range(FLAGS.apply_repeats):
+            w0 = time.monotonic()
+            time.sleep(FLAGS.idle_seconds)
+            idle_windows.append((w0, time.monotonic()))
+            tr = trainer.step_and_publish(apply_rows, check_probe=False)
+            read_ev, apply_ev = wait_for(
+                lambda: (lambda e: e if e[1] is not None else None)(main.delta_events(tr["seq"])),
+                FLAGS.phase_timeout, f"delta {tr['seq']} to be applied", interval=0.05)
+            apply_windows.append((read_ev["t0"], apply_ev["t1"]))
+            read_only.append((read_ev["t0"], read_ev["t1"]))
+            apply_only.append((apply_ev["t0"], apply_ev["t1"]))
+            serve_windows.append((tr["t_step"], apply_ev["t1"]))
+            apply_runs.append({"read_seconds": read_ev["t1"] - read_ev["t0"],
+                               "apply_seconds": apply_ev["t1"] - apply_ev["t0"],
+                               "write_seconds": tr["write_seconds"], "seq": tr["seq"]})
+            log(f"under load: delta {fmt_rows(apply_rows)} #{rep} read {apply_runs[-1]['read_seconds']:.3f}s, "
+                f"applied in {apply_runs[-1]['apply_seconds']:.3f}s")
+            time.sleep(1.0)
+    finally:
+        open(stop_file, "w").close()
+        try:
+            hammer.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        workers.stop(hammer)
+    h = np.load(result_path)
+    starts, ends, codes = h["start"], h["end"], h["code"]
+    for c in codes[codes != 0]:
+        failures.add("hammer", f"grpc code {int(c)}")
+    lat = ends - starts
+
+    def select(windows, inside):
+        mask = np.zeros(len(starts), bool)
+        for a, b in windows:
+            mask |= (starts >= a) & (ends <= b) if inside else (ends >= a) & (starts <= b)
+        return lat[mask & (codes == 0)]
+
+    return {
+        "rows": apply_rows, "runs": apply_runs, "requests": int(len(codes)), "failed": int((codes != 0).sum()),
+        "idle": percentiles(select(idle_windows, True)),
+        "during_apply": percentiles(select(apply_windows, False)),
+        "during_read": percentiles(select(read_only, False)),
+        "during_apply_op": percentiles(select(apply_only, False)),
+        "during_step_to_served": percentiles(select(serve_windows, False)),
+    }
+
+
 # -- report -----------------------------------------------------------------------
 
 def report(res):
@@ -905,6 +918,20 @@ def report(res):
     lines.append(f"tables: {FLAGS.user_rows} user + {FLAGS.item_rows} item rows, dim {FLAGS.dim}; "
                  f"{FLAGS.replicas} native replica(s); delta poll {FLAGS.delta_poll_seconds}s (background), "
                  f"probe every {FLAGS.probe_interval}s")
+    if res["latency"]:
+        report_latency(res, lines)
+    if res["throughput"]:
+        report_throughput(res, lines)
+    if res["deltas"]:
+        report_deltas(res, lines)
+    if "under_load" in res:
+        report_under_load(res, lines)
+    lines.append("")
+    report_targets(res, lines)
+    return "\n".join(lines)
+
+
+def report_latency(res, lines):
     lines.append("")
     lines.append("Predict latency, one client, sequential requests (ms)")
     lines.append("| export | batch | n | p50 | p90 | p99 | max |")
@@ -912,6 +939,9 @@ def report(res):
     for r in res["latency"]:
         lines.append(f"| {r['export']} | {r['batch']} | {r['n']} | {r['p50']:.2f} | {r['p90']:.2f} | "
                      f"{r['p99']:.2f} | {r['max']:.2f} |")
+
+
+def report_throughput(res, lines):
     lines.append("")
     lines.append(f"Throughput, {FLAGS.clients} clients, native replica")
     lines.append("| clients as | batch | requests | req/s | examples/s | p50 ms | p99 ms | client cores | "
@@ -921,6 +951,9 @@ def report(res):
         lines.append(f"| {r['mode']} | {r['batch']} | {r['requests']} | {r['rps']:.0f} | {r['eps']:.0f} | "
                      f"{r['latency']['p50']:.2f} | {r['latency']['p99']:.2f} | {r['client_cores']:.2f} | "
                      f"{r['server_cores']:.2f} |")
+
+
+def report_deltas(res, lines):
     lines.append("")
     lines.append("Delta time-to-serve (seconds; median over repeats, worst in brackets): trainer step end -> "
                  "every replica returns the new value for the probe key and has finished the apply")
@@ -940,6 +973,9 @@ def report(res):
             f"{med('read_seconds', reps):.3f} | {med('apply_seconds', reps):.3f} | "
             f"{med('apply_rows_per_s', reps) / 1e6:.2f} M | {med('probe_seconds'):.3f} | "
             f"{med('served_seconds'):.3f} ({max(d['served_seconds'] for d in ds):.3f}) |")
+
+
+def report_under_load(res, lines):
     u = res["under_load"]
     lines.append("")
     lines.append(f"Predict latency (batch 1, one client process back to back) idle vs while a "
@@ -955,7 +991,9 @@ def report(res):
         if p.get("n"):
             lines.append(f"| {label} | {p['n']} | {p['p50']:.2f} | {p['p90']:.2f} | {p['p99']:.2f} | "
                          f"{p['p999']:.2f} | {p['max']:.2f} |")
-    lines.append("")
+
+
+def report_targets(res, lines):
     targets = []
     mid = [d for d in res["deltas"] if d["rows"] == 100_000]
     if mid:
@@ -964,6 +1002,7 @@ def report(res):
                         f"{len(mid)})", f"{worst:.3f} s", worst <= 2.0))
     else:
         targets.append(("100k-row delta served <= 2 s (no 100k run)", "-", None))
+    u = res.get("under_load", {"idle": {}, "during_apply": {}})
     idle, during = u["idle"].get("p99"), u["during_apply"].get("p99")
     if idle and during:
         targets.append((f"p99 during a {fmt_rows(u['rows'])}-row apply <= 2x idle p99",
@@ -974,7 +1013,6 @@ def report(res):
     for name, value, ok in targets:
         lines.append(f"| {name} | {value} | {'-' if ok is None else 'PASS' if ok else 'MISS'} |")
     res["targets"] = [{"target": n, "measured": v, "pass": ok} for n, v, ok in targets]
-    return "\n".join(lines)
 
 
 def plot(res, path):
@@ -1048,7 +1086,7 @@ def main(argv):
     res["flags"] = {name: FLAGS[name].value for name in (
         "quick", "requests", "clients", "client_mode", "delta_rows", "delta_repeats", "apply_rows", "apply_repeats",
         "idle_seconds", "user_rows", "item_rows", "dim", "large_batch", "replicas", "portable", "delta_poll_seconds",
-        "probe_interval", "seed")}
+        "probe_interval", "seed", "phases")}
     text = report(res)
     print(text)
     if res["failure_examples"]:
@@ -1056,7 +1094,7 @@ def main(argv):
     if FLAGS.out_json:
         with open(FLAGS.out_json, "w") as f:
             json.dump(res, f, indent=1, default=float)
-    if FLAGS.out_png:
+    if FLAGS.out_png and res["deltas"] and "under_load" in res:
         plot(res, FLAGS.out_png)
     return 0
 

@@ -54,6 +54,53 @@ def test_damaged_files_are_rejected_naming_the_file(tmp_path, damage, message):
         deltas.read(path)
 
 
+def test_read_in_small_chunks_is_exact_and_returns_views_of_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(deltas, "_READ_CHUNK", 7)  # many readinto calls, ending mid-array
+    original = sample_delta()
+    got = deltas.read(deltas.write(str(tmp_path), original))
+    users = got.tables[0]
+    np.testing.assert_array_equal(users.keys, original.tables[0].keys)
+    np.testing.assert_array_equal(users.values, original.tables[0].values)
+    np.testing.assert_array_equal(users.deleted_keys, [7])
+    assert (users.keys.dtype, users.values.dtype, users.values.shape) == (np.dtype("<i8"), np.dtype("<f4"), (3, 3))
+    # No copies: every array is a view of the one buffer the file was read into.
+    assert not users.keys.flags.owndata and not users.values.flags.owndata
+    assert buffer_of(users.keys) is buffer_of(users.values) is buffer_of(got.tables[1].values)
+
+
+def buffer_of(a):
+    """The object that owns an array's memory."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a.obj if isinstance(a, memoryview) else a
+
+
+@pytest.mark.parametrize("keep", [0, 7, 8, 16, 40, -33, -1])
+def test_truncated_anywhere_is_a_delta_error_naming_the_file(tmp_path, keep):
+    path = deltas.write(str(tmp_path), sample_delta())
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[:keep])
+    with pytest.raises(deltas.DeltaError, match=f"{os.path.basename(path)}: (not a monolith_tf|checksum mismatch)"):
+        deltas.read(path)
+
+
+@pytest.mark.parametrize("name,dtype,message", [
+    ("tables/users/keys", "<f8", "table 'users' keys have dtype float64 and shape \\[3\\]"),
+    ("tables/users/deleted_keys", "<f4", "table 'users' deleted_keys have dtype float32"),
+    ("tables/users/values", "<i4", "table 'users' values have dtype int32 and shape \\[3, 3\\]"),
+])
+def test_arrays_a_replica_cannot_use_are_a_delta_error(tmp_path, monkeypatch, name, dtype, message):
+    # The format records any dtype; write() itself never produces these.
+    real_arrays_of = deltas._arrays_of
+    monkeypatch.setattr(deltas, "_arrays_of", lambda d: [
+        (n, a.astype(dtype) if n == name else a) for n, a in real_arrays_of(d)])
+    path = deltas.write(str(tmp_path), sample_delta())
+    with pytest.raises(deltas.DeltaError, match=f"{os.path.basename(path)}: {message}"):
+        deltas.read(path)
+
+
 def test_inconsistent_delta_is_refused_before_writing(tmp_path):
     bad = sample_delta()
     bad.tables[0].values = np.zeros([2, 3], np.float32)
@@ -178,3 +225,26 @@ def test_malformed_header_with_valid_checksum_is_a_delta_error(tmp_path):
         path.write_bytes(body + hashlib.sha256(body).digest())
         with pytest.raises(deltas.DeltaError, match="000000000001.delta"):
             deltas.read(str(path))
+
+
+def test_per_array_checksums_are_checked_on_request(tmp_path):
+    """The trailer proves every byte; a bad per-array checksum under a valid
+    trailer (a writer bug, not damage) is caught only with verify_arrays."""
+    import hashlib
+    import json
+    import struct
+    path = deltas.write(str(tmp_path), sample_delta())
+    with open(path, "rb") as f:
+        blob = f.read()
+    start = len(deltas.MAGIC) + 8
+    (header_len,) = struct.unpack_from("<Q", blob, len(deltas.MAGIC))
+    header = json.loads(blob[start:start + header_len])
+    entry = next(e for e in header["arrays"] if e["name"] == "tables/users/values")
+    wrong = ("0" if entry["sha256"][0] != "0" else "1") + entry["sha256"][1:]
+    new_header = blob[start:start + header_len].replace(entry["sha256"].encode(), wrong.encode())
+    body = blob[:start] + new_header + blob[start + header_len:-32]
+    with open(path, "wb") as f:
+        f.write(body + hashlib.sha256(body).digest())
+    np.testing.assert_array_equal(deltas.read(path).tables[0].values, sample_delta().tables[0].values)
+    with pytest.raises(deltas.DeltaError, match="000000000001.delta: array tables/users/values checksum mismatch"):
+        deltas.read(path, verify_arrays=True)

@@ -471,6 +471,125 @@ def test_deltas_apply_in_order_and_bad_ones_are_rejected(trained, tmp_path, monk
         np.testing.assert_array_equal(client.predict()[0], np.zeros_like(before))
 
 
+def table_rows(replica, name):
+    """(keys, values) of a native replica's table, sorted by key."""
+    rows = replica.manager.current().tables[name].table.export()
+    keys, values = rows["keys"].numpy(), rows["values"].numpy()
+    order = np.argsort(keys)
+    return keys[order], values[order]
+
+
+def test_sliced_apply_equals_one_apply_op_call(trained, tmp_path):
+    version = trained.exported_versions["user_emb"]
+    rng = np.random.default_rng(11)
+    # Existing rows changed, new rows, deleted rows, and key 3 both deleted
+    # and written (one op call deletes first, so it ends up written).
+    keys = np.concatenate([np.arange(0, 150, 3), np.arange(10**9, 10**9 + 40)]).astype(np.int64)
+    values = rng.standard_normal((len(keys), 4)).astype(np.float32)
+    deleted = np.array([1, 2, 3, 5, 199, 10**15], np.int64)
+    delta_dir = str(tmp_path / "deltas")
+    sliced_base, one_call_base = trained.copy_to(str(tmp_path / "a")), trained.copy_to(str(tmp_path / "b"))
+    with serving(sliced_base, NAME, delta_dir=delta_dir, poll_seconds=0) as (sliced, _), \
+            serving(one_call_base, NAME, poll_seconds=0) as (one_call, _):
+        sliced.applier.slice_rows = 7  # 1 slice of deletions, 13 of rows
+        calls = []
+        endpoint = sliced.manager.current().tables["user_emb"]
+        real_apply = endpoint.apply_delta
+        endpoint.apply_delta = lambda k, v, d: (calls.append((len(k), len(d))), real_apply(k, v, d))[1]
+        deltas.write(delta_dir, deltas.Delta(sequence=1, model_name=NAME, tables=[deltas.TableDelta(
+            "user_emb", 4, version, version + 1, keys, values, deleted)]))
+        assert sliced.poll_now()["table_versions"]["user_emb"] == version + 1
+        assert calls == [(0, 6)] + [(7, 0)] * 12 + [(6, 0)]
+        one_call.manager.current().tables["user_emb"].apply_delta(keys, values, deleted)
+        got_keys, got_values = table_rows(sliced, "user_emb")
+        want_keys, want_values = table_rows(one_call, "user_emb")
+        np.testing.assert_array_equal(got_keys, want_keys)
+        np.testing.assert_array_equal(got_values, want_values)
+        assert 3 in got_keys and not {1, 2, 5, 199} & set(got_keys.tolist())
+        np.testing.assert_array_equal(got_values[np.searchsorted(got_keys, keys)], values)
+
+
+def test_a_file_that_fails_any_check_leaves_the_tables_bit_identical(trained, tmp_path, monkeypatch):
+    exported = trained.exported_versions
+    base, delta_dir = trained.copy_to(str(tmp_path / "models")), str(tmp_path / "deltas")
+    rng = np.random.default_rng(12)
+
+    def entry(name, dim=4, since=None, rows=50):
+        since = exported[name] if since is None else since
+        return deltas.TableDelta(name, dim, since, since + 1, np.arange(rows, dtype=np.int64),
+                                 rng.standard_normal((rows, dim)).astype(np.float32), np.array([7], np.int64))
+
+    with serving(base, NAME, delta_dir=delta_dir, poll_seconds=0) as (replica, client):
+        replica.applier.slice_rows = 8
+        before = {name: table_rows(replica, name) for name in exported}
+        prediction = client.predict()[0]
+        # In each file the user_emb entry is fine; something after it is not.
+        bad = {
+            1: ("gap", [entry("user_emb"), entry("item_emb", since=exported["item_emb"] + 5)]),
+            2: ("invalid", [entry("user_emb"), entry("item_emb", dim=5)]),
+            3: ("invalid", [entry("user_emb"), entry("genre_emb", since=0)]),
+        }
+        for seq, (_, tables_) in bad.items():
+            deltas.write(delta_dir, deltas.Delta(sequence=seq, model_name=NAME, tables=tables_))
+        # 4: float keys (the format allows any dtype string): refused when read.
+        real_arrays_of = deltas._arrays_of
+        monkeypatch.setattr(deltas, "_arrays_of", lambda d: [
+            (n, a.astype("<f8") if n == "tables/item_emb/keys" else a) for n, a in real_arrays_of(d)])
+        deltas.write(delta_dir, deltas.Delta(sequence=4, model_name=NAME,
+                                             tables=[entry("user_emb"), entry("item_emb")]))
+        monkeypatch.undo()
+        # 5: a dense snapshot whose shapes do not match the export.
+        deltas.write(delta_dir, deltas.Delta(
+            sequence=5, model_name=NAME, kind="dense", tables=[entry("user_emb")],
+            dense={name: np.zeros([2, 2], np.float32) for name, _ in dense_weights(trained.model)}))
+        status = replica.poll_now()
+        assert {seq: r["kind"] for seq, r in status["deltas_rejected"].items()} == {
+            1: "gap", 2: "invalid", 3: "invalid", 4: "corrupt", 5: "invalid"}
+        assert status["deltas_rejected"][4]["reason"] == (
+            f"{deltas.path_for(delta_dir, 4)}: table 'item_emb' keys have dtype float64 and shape [50]")
+        assert status["table_versions"] == exported and status["last_delta_sequence"] is None
+        for name in exported:
+            for got, want in zip(table_rows(replica, name), before[name]):
+                np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(client.predict()[0], prediction)
+
+
+def test_an_apply_that_fails_half_way_is_reported_and_converges_when_rewritten(trained, tmp_path):
+    version = trained.exported_versions["user_emb"]
+    base, delta_dir = trained.copy_to(str(tmp_path / "models")), str(tmp_path / "deltas")
+    keys = np.arange(100, dtype=np.int64)
+    values = np.arange(400, dtype=np.float32).reshape(100, 4)
+    delta = deltas.Delta(sequence=1, model_name=NAME, tables=[deltas.TableDelta(
+        "user_emb", 4, version, version + 1, keys, values, np.zeros([0], np.int64))])
+    with serving(base, NAME, delta_dir=delta_dir, poll_seconds=0) as (replica, _):
+        replica.applier.slice_rows = 30
+        endpoint = replica.manager.current().tables["user_emb"]
+        real_apply, calls = endpoint.apply_delta, []
+
+        def failing_apply(k, v, d):
+            calls.append(len(k))
+            if len(calls) == 3:
+                raise tf.errors.ResourceExhaustedError(None, None, "out of memory\nmore")
+            return real_apply(k, v, d)
+
+        endpoint.apply_delta = failing_apply
+        path = deltas.write(delta_dir, delta)
+        status = replica.poll_now()
+        assert status["deltas_rejected"][1] == {"kind": "apply_failed",
+                                                "reason": "applying failed: ResourceExhaustedError: out of memory"}
+        assert status["table_versions"]["user_emb"] == version and calls == [30, 30, 30]
+        got_keys, got_values = table_rows(replica, "user_emb")
+        np.testing.assert_array_equal(got_values[np.searchsorted(got_keys, keys[:60])], values[:60])
+        replica.poll_now()
+        assert calls == [30, 30, 30]  # not retried until the file changes
+        endpoint.apply_delta = real_apply
+        os.utime(path, ns=(1, 1))
+        status = replica.poll_now()
+        assert status["deltas_rejected"] == {} and status["table_versions"]["user_emb"] == version + 1
+        got_keys, got_values = table_rows(replica, "user_emb")
+        np.testing.assert_array_equal(got_values[np.searchsorted(got_keys, keys)], values)
+
+
 def status_message(client):
     return client.status().model_version_status[0].status.error_message.removeprefix("monolith: ")
 
@@ -580,3 +699,24 @@ def test_command_line_flags_build_the_replica(trained):
         assert replica.rest_api_port is None  # --rest_api_port=0 means no REST, as in TF Serving
         with grpc.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
             assert Client(channel).status().model_version_status[0].state == AVAILABLE
+
+
+def test_background_threads_run_at_lower_priority_than_requests():
+    import threading
+    from monolith_tf.serving import server
+    seen = {}
+
+    def poller():
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        server._lower_thread_priority(10)
+        seen["change"] = (before, os.getpriority(os.PRIO_PROCESS, tid))
+
+    t = threading.Thread(target=poller)
+    t.start()
+    t.join()
+    before, after = seen["change"]
+    assert after == min(19, before + 10)
+    # Only that thread changed: the caller (a request thread) keeps its priority.
+    me = threading.get_native_id()
+    assert os.getpriority(os.PRIO_PROCESS, me) == before

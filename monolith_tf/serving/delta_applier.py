@@ -30,7 +30,20 @@ when the replica has already applied an earlier delta file for that table:
 the trainer restored an older checkpoint and starts a new history.
 
 All of this happens in the caller's thread, which holds the replica's apply
-lock; predictions run concurrently (the tables are internally thread-safe).
+lock (so one thread at a time changes the tables and this bookkeeping);
+predictions run concurrently (the tables are internally thread-safe: the
+native table write-locks one shard at a time).
+
+A file is applied fully or not at all as far as checks go: everything that
+can be checked (checksums, table names, widths, dtypes, the sequence) is
+checked, and every array converted, before the first row is written. The rows
+are then written in slices of `slice_rows` (deletions first, as one apply op
+call does them), so that no single step holds the GIL or a shard lock for
+long and requests keep being served during a large apply. Rows carry full
+values, so a file that fails half-way through the writes (an op error) is
+harmless to apply again; it is reported as `apply_failed`, the version of a
+table whose rows were not all written is not advanced, and the file is looked
+at again when it changes.
 """
 
 import dataclasses
@@ -48,6 +61,9 @@ __all__ = ["DeltaApplier", "DeltaState"]
 log = logging.getLogger("monolith_tf.serving")
 
 CORRUPT, INVALID, GAP, FAILED = "corrupt", "invalid", "gap", "apply_failed"
+# Rows per apply op call: 4 MiB of values at dim 16, about 2k rows per shard
+# lock, a few ms per call with the GIL released while the op runs.
+SLICE_ROWS = 65536
 
 
 @dataclasses.dataclass
@@ -139,11 +155,15 @@ class DeltaApplier:
       delta_dir: the trainer's delta directory.
       check_model_name: reject files whose `model_name` differs from the
         export metadata's `model_name`.
+      slice_rows: rows (and deleted keys) per apply op call.
     """
 
-    def __init__(self, delta_dir, *, check_model_name=True):
+    def __init__(self, delta_dir, *, check_model_name=True, slice_rows=SLICE_ROWS):
+        if slice_rows < 1:
+            raise ValueError(f"slice_rows must be >= 1, got {slice_rows}")
         self.delta_dir = delta_dir
         self.check_model_name = check_model_name
+        self.slice_rows = int(slice_rows)
         self._summaries = {}  # seq -> (fingerprint, _Summary)
         self._corrupt = {}    # seq -> (fingerprint, reason): unreadable files are read once per change
 
@@ -319,21 +339,42 @@ class DeltaApplier:
         return ""
 
     def _apply(self, model, st, seq, delta, plan):
+        # Everything that can fail short of the writes themselves happens
+        # before the first write.
+        writes = []  # (table delta, endpoint, keys, values, deleted)
         for t in delta.tables:
             if t.name not in plan["tables"]:
                 continue
             endpoint = model.tables[t.name]
             keys = np.asarray(t.keys, np.int64)
+            values = np.asarray(t.values, np.float32)
             deleted = np.asarray(t.deleted_keys, np.int64)
             if t.full:
                 held = endpoint.keys().numpy()
                 deleted = np.union1d(deleted, np.setdiff1d(held, keys))
-            endpoint.apply_delta(tf.constant(keys, tf.int64), tf.constant(np.asarray(t.values, np.float32)),
-                                 tf.constant(deleted, tf.int64))
+            writes.append((t, endpoint, keys, values, deleted))
+        dense = None
+        if plan["dense"]:
+            dense = [tf.constant(np.asarray(delta.dense[d["name"]]), dtype=tf.as_dtype(d["dtype"]))
+                     for d in model.dense]
+        for t, endpoint, keys, values, deleted in writes:
+            self._write_rows(endpoint, t.dim, keys, values, deleted)
             st.versions[t.name] = int(t.version)
             st.table_applied_seq[t.name] = seq
             st.advanced = True
-        if plan["dense"]:
-            values = [tf.constant(np.asarray(delta.dense[d["name"]]), dtype=tf.as_dtype(d["dtype"]))
-                      for d in model.dense]
-            model.assign_dense(*values)
+        if dense is not None:
+            model.assign_dense(*dense)
+
+    def _write_rows(self, endpoint, dim, keys, values, deleted):
+        """Deletes `deleted`, then upserts `keys` -> `values`, a slice per op
+        call: the same table as one call (which also deletes before it writes,
+        shard by shard), without converting or locking everything at once."""
+        n = self.slice_rows
+        no_keys, no_values = tf.zeros([0], tf.int64), tf.zeros([0, dim], tf.float32)
+        for lo in range(0, len(deleted), n):
+            endpoint.apply_delta(no_keys, no_values, tf.constant(deleted[lo:lo + n], tf.int64))
+            time.sleep(0)  # let the request threads take the GIL between calls
+        for lo in range(0, len(keys), n):
+            endpoint.apply_delta(tf.constant(keys[lo:lo + n], tf.int64), tf.constant(values[lo:lo + n], tf.float32),
+                                 no_keys)
+            time.sleep(0)

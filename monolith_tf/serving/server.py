@@ -15,6 +15,7 @@ import collections
 import concurrent.futures
 import json
 import logging
+import os
 import threading
 import time
 
@@ -56,6 +57,21 @@ def _fill_spec(target, name, version, signature_name=None):
         target.signature_name = signature_name
 
 
+def _lower_thread_priority(niceness):
+    """Raises the calling thread's nice value by `niceness` (Linux: nice is per
+    thread). The pollers read, hash and apply deltas of tens of MiB; when the
+    cores are busy, requests should get them first. Most of that work runs
+    without the GIL, and the GIL-holding steps are short (see delta_applier),
+    so a lower priority does not stall requests behind a preempted poller."""
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+    except OSError as e:  # e.g. a sandbox that forbids it: keep the default priority
+        log.warning("cannot lower the priority of background thread %s: %s", threading.current_thread().name, e)
+
+
 class ServingReplica:
     """A serving replica for one model: newest version under a base path,
     kept fresh by deltas, behind TF Serving's gRPC API (and optionally REST).
@@ -75,6 +91,8 @@ class ServingReplica:
       check_delta_model_name: reject delta files written for another model
         name than the export metadata's `model_name`.
       drain_timeout: seconds to let requests on a replaced version finish.
+      background_niceness: how much lower than the request threads the model
+        and delta pollers run (nice levels, Linux); 0 keeps them equal.
 
     `start()` loads the newest version (synchronously), catches it up on
     deltas and starts the servers; it returns the bound `Ports(grpc, rest)`.
@@ -82,8 +100,9 @@ class ServingReplica:
 
     def __init__(self, model_base_path, model_name, delta_dir=None, port=0, rest_api_port=None, poll_seconds=1.0,
                  *, delta_poll_seconds=None, host="127.0.0.1", max_workers=16, check_delta_model_name=True,
-                 drain_timeout=30.0):
+                 drain_timeout=30.0, background_niceness=10):
         self.model_base_path = model_base_path
+        self.background_niceness = int(background_niceness)
         self.model_name = model_name
         self.delta_dir = delta_dir
         self.host = host
@@ -148,6 +167,7 @@ class ServingReplica:
 
     def _spawn(self, name, interval, fn):
         def loop():
+            _lower_thread_priority(self.background_niceness)
             while not self._stop.wait(interval):
                 try:
                     fn()
