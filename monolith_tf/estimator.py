@@ -633,7 +633,13 @@ class Monolith:
         if shuffle_seed is not None:
             # Op-level seed: the order is reproducible, and reshuffled every epoch.
             data = data.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
-        return data.batch(self.batch_size).prefetch(2)
+        # Autotuning off: its background thread makes every fit() wait for its
+        # next wake-up (up to tens of seconds) when the iterator is destroyed
+        # (docs/benchmarks.md, Training throughput, finding 2). The fixed
+        # prefetch(2) is all this pipeline needs.
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return data.batch(self.batch_size).prefetch(2).with_options(options)
 
     def _fit_arrays(self, user_ids, item_ids, ratings, timestamps, user_features, item_features, data):
         if data is not None:
