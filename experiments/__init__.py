@@ -1,0 +1,1 @@
+"""Reproductions of the Monolith paper's experiments at this project's scale."""
