@@ -74,6 +74,24 @@ int64_t FirstNonFinite(const float* x, int64_t n) {
   return -1;
 }
 
+// FirstNonFinite over slices on the workers: the check reads every gradient
+// before any row may change, and on one thread it was a fifth of an update.
+int64_t FirstNonFiniteParallel(const float* x, int64_t n, const ParallelFor& pf) {
+  constexpr int64_t kSlice = int64_t{1} << 18;  // 1 MiB of floats per task
+  const int64_t tasks = (n + kSlice - 1) / kSlice;
+  if (tasks <= 1) return FirstNonFinite(x, n);
+  std::vector<int64_t> found(tasks, -1);
+  pf(tasks, [&](int64_t t) {
+    const int64_t b = t * kSlice;
+    const int64_t j = FirstNonFinite(x + b, std::min(kSlice, n - b));
+    if (j >= 0) found[t] = b + j;
+  });
+  for (int64_t j : found) {
+    if (j >= 0) return j;
+  }
+  return -1;
+}
+
 // A small open-addressing map from row number to a dense slot, used to sum
 // the gradients of repeated keys without a heap node per key.
 class RowSlots {
@@ -352,7 +370,7 @@ int64_t EmbeddingTable::ApplyGradients(const int64_t* keys, int64_t n, const flo
   if (ts.size != 0 && ts.size != 1 && ts.size != n)
     throw std::invalid_argument(Quote(config_.name) + "need no timestamp, one, or one per id");
   const int dim = config_.dim;
-  const int64_t bad = FirstNonFinite(grads, n * dim);
+  const int64_t bad = FirstNonFiniteParallel(grads, n * dim, pf);
   if (bad >= 0) {
     throw std::invalid_argument(Quote(config_.name) + "non-finite gradient " + std::to_string(grads[bad]) +
                                 " for id " + std::to_string(keys[bad / dim]) + " (element " +

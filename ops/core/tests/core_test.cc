@@ -256,6 +256,40 @@ TEST(NonFiniteGradientFoundAnywhere) {
   CHECK(Find(t, keys) == before);
 }
 
+// Big batches check their gradients in slices on several threads: the error
+// must still name the first bad id, whichever slice it is in, and no row moves.
+TEST(NonFiniteGradientFoundByParallelCheck) {
+  const int dim = 8;
+  const int64_t n = 100000;  // 800k floats: four slices
+  EmbeddingTable t(Config(dim));
+  std::vector<int64_t> keys(n);
+  for (int64_t i = 0; i < n; ++i) keys[i] = 7 * i + 1;
+  Train(t, keys, 0);
+  const std::vector<float> before = Find(t, keys);
+  const ParallelFor two_threads = [](int64_t tasks, const std::function<void(int64_t)>& fn) {
+    std::atomic<int64_t> next{0};
+    auto work = [&] {
+      for (int64_t i = next++; i < tasks; i = next++) fn(i);
+    };
+    std::thread other(work);
+    work();
+    other.join();
+  };
+  for (int64_t at : {int64_t{0}, int64_t{(1 << 18) - 1}, int64_t{1} << 18, n * dim - 1}) {
+    std::vector<float> g(n * dim, 0.25f);
+    g[at] = std::nanf("");
+    if (at + 3 * dim < n * dim) g[at + 3 * dim] = std::numeric_limits<float>::infinity();  // a later one
+    std::string message;
+    try {
+      t.ApplyGradients(keys.data(), n, g.data(), Timestamps{}, two_threads);
+    } catch (const std::invalid_argument& e) {
+      message = e.what();
+    }
+    CHECK(message.find("for id " + std::to_string(keys[at / dim]) + " ") != std::string::npos);
+  }
+  CHECK(Find(t, keys) == before);
+}
+
 TEST(NonFiniteGradientRejectedAndTableUnchanged) {
   EmbeddingTable t(Config(2));
   Train(t, {1, 2}, 0);
