@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import wrappers_pb2
+from tensorflow.python.ops import gen_lookup_ops
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
                                      regression_pb2)
@@ -371,7 +372,7 @@ def test_deltas_apply_in_order_and_bad_ones_are_rejected(trained, tmp_path, monk
     base, delta_dir = trained.copy_to(str(tmp_path / "models")), str(tmp_path / "deltas")
     reads = []
     real_read = deltas.read
-    monkeypatch.setattr(delta_applier.deltas, "read", lambda path: (reads.append(path), real_read(path))[1])
+    monkeypatch.setattr(delta_applier.deltas, "read", lambda path, **kw: (reads.append(path), real_read(path, **kw))[1])
 
     with serving(base, NAME, delta_dir=delta_dir, poll_seconds=0) as (replica, client):
         v1 = trained.want
@@ -479,7 +480,27 @@ def table_rows(replica, name):
     return keys[order], values[order]
 
 
-def test_sliced_apply_equals_one_apply_op_call(trained, tmp_path):
+def count_writes(monkeypatch, fail_at=None):
+    """Wraps every table writer the applier makes; returns the list of
+    (rows, deleted keys) per write call. With fail_at=N the Nth call raises."""
+    calls = []
+    real = delta_applier._eager_writer
+
+    def writer(endpoint, portable):
+        write = real(endpoint, portable)
+
+        def counted(keys, values, deleted_keys):
+            calls.append((int(keys.shape[0]), int(deleted_keys.shape[0])))
+            if len(calls) == fail_at:
+                raise tf.errors.ResourceExhaustedError(None, None, "out of memory\nmore")
+            return write(keys, values, deleted_keys)
+        return counted
+
+    monkeypatch.setattr(delta_applier, "_eager_writer", writer)
+    return calls
+
+
+def test_sliced_apply_equals_one_apply_op_call(trained, tmp_path, monkeypatch):
     version = trained.exported_versions["user_emb"]
     rng = np.random.default_rng(11)
     # Existing rows changed, new rows, deleted rows, and key 3 both deleted
@@ -492,10 +513,7 @@ def test_sliced_apply_equals_one_apply_op_call(trained, tmp_path):
     with serving(sliced_base, NAME, delta_dir=delta_dir, poll_seconds=0) as (sliced, _), \
             serving(one_call_base, NAME, poll_seconds=0) as (one_call, _):
         sliced.applier.slice_rows = 7  # 1 slice of deletions, 13 of rows
-        calls = []
-        endpoint = sliced.manager.current().tables["user_emb"]
-        real_apply = endpoint.apply_delta
-        endpoint.apply_delta = lambda k, v, d: (calls.append((len(k), len(d))), real_apply(k, v, d))[1]
+        calls = count_writes(monkeypatch)
         deltas.write(delta_dir, deltas.Delta(sequence=1, model_name=NAME, tables=[deltas.TableDelta(
             "user_emb", 4, version, version + 1, keys, values, deleted)]))
         assert sliced.poll_now()["table_versions"]["user_emb"] == version + 1
@@ -554,7 +572,7 @@ def test_a_file_that_fails_any_check_leaves_the_tables_bit_identical(trained, tm
         np.testing.assert_array_equal(client.predict()[0], prediction)
 
 
-def test_an_apply_that_fails_half_way_is_reported_and_converges_when_rewritten(trained, tmp_path):
+def test_an_apply_that_fails_half_way_is_reported_and_converges_when_rewritten(trained, tmp_path, monkeypatch):
     version = trained.exported_versions["user_emb"]
     base, delta_dir = trained.copy_to(str(tmp_path / "models")), str(tmp_path / "deltas")
     keys = np.arange(100, dtype=np.int64)
@@ -563,31 +581,69 @@ def test_an_apply_that_fails_half_way_is_reported_and_converges_when_rewritten(t
         "user_emb", 4, version, version + 1, keys, values, np.zeros([0], np.int64))])
     with serving(base, NAME, delta_dir=delta_dir, poll_seconds=0) as (replica, _):
         replica.applier.slice_rows = 30
-        endpoint = replica.manager.current().tables["user_emb"]
-        real_apply, calls = endpoint.apply_delta, []
-
-        def failing_apply(k, v, d):
-            calls.append(len(k))
-            if len(calls) == 3:
-                raise tf.errors.ResourceExhaustedError(None, None, "out of memory\nmore")
-            return real_apply(k, v, d)
-
-        endpoint.apply_delta = failing_apply
+        calls = count_writes(monkeypatch, fail_at=3)
         path = deltas.write(delta_dir, delta)
         status = replica.poll_now()
         assert status["deltas_rejected"][1] == {"kind": "apply_failed",
                                                 "reason": "applying failed: ResourceExhaustedError: out of memory"}
-        assert status["table_versions"]["user_emb"] == version and calls == [30, 30, 30]
+        assert status["table_versions"]["user_emb"] == version and calls == [(30, 0)] * 3
         got_keys, got_values = table_rows(replica, "user_emb")
         np.testing.assert_array_equal(got_values[np.searchsorted(got_keys, keys[:60])], values[:60])
         replica.poll_now()
-        assert calls == [30, 30, 30]  # not retried until the file changes
-        endpoint.apply_delta = real_apply
+        assert calls == [(30, 0)] * 3  # not retried until the file changes
+        count_writes(monkeypatch)  # no more failures
         os.utime(path, ns=(1, 1))
         status = replica.poll_now()
         assert status["deltas_rejected"] == {} and status["table_versions"]["user_emb"] == version + 1
         got_keys, got_values = table_rows(replica, "user_emb")
         np.testing.assert_array_equal(got_values[np.searchsorted(got_keys, keys)], values)
+
+
+@pytest.mark.parametrize("mode", ["native", "portable"])
+def test_delta_rows_are_written_by_eager_ops_in_the_polling_thread(trained, mode):
+    """A function call would run the write kernel on TensorFlow's shared
+    inter-op threads at full priority; the replica's writes must run in the
+    (lower-priority) thread that polls, and land the rows exactly."""
+    with serving(getattr(trained, mode), NAME, poll_seconds=0) as (replica, _):
+        endpoint = replica.manager.current().tables["user_emb"]
+        write = delta_applier._eager_writer(endpoint, mode == "portable")
+        assert write is not endpoint.apply_delta  # the table's handle was found
+        keys = np.arange(2 * 10**12, 2 * 10**12 + 300_000, dtype=np.int64)
+        values = np.random.default_rng(5).standard_normal((len(keys), 4)).astype(np.float32)
+        k, v, none = tf.constant(keys), tf.constant(values), tf.zeros([0], tf.int64)
+        write(k[:1], v[:1], none)  # warm-up
+        ticks = {}
+
+        def cpu_ticks():  # utime + stime of every thread of this process
+            out = {}
+            for tid in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[int(tid)] = int(fields[11]) + int(fields[12])
+            return out
+
+        def poller():
+            me = threading.get_native_id()
+            before = cpu_ticks()
+            for _ in range(60):  # until this thread has used 0.2 s of CPU (1 tick = 10 ms)
+                write(k, v, none)
+                if cpu_ticks()[me] - before[me] >= 20:
+                    break
+            after = cpu_ticks()
+            used = {t: after[t] - before.get(t, 0) for t in after}
+            ticks["mine"], ticks["others"] = used.pop(me), max(used.values())
+
+        t = threading.Thread(target=poller)
+        t.start()
+        t.join()
+        assert ticks["mine"] > 2 * ticks["others"], ticks
+        assert np.isin(keys, endpoint.keys().numpy()).all()
+        if mode == "portable":
+            got = gen_lookup_ops.lookup_table_find_v2(endpoint.table.resource_handle, k, tf.zeros([4])).numpy()
+        else:
+            got_keys, got_values = table_rows(replica, "user_emb")
+            got = got_values[np.searchsorted(got_keys, keys)]
+        np.testing.assert_array_equal(got, values)
 
 
 def status_message(client):

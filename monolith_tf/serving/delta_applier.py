@@ -39,7 +39,11 @@ can be checked (checksums, table names, widths, dtypes, the sequence) is
 checked, and every array converted, before the first row is written. The rows
 are then written in slices of `slice_rows` (deletions first, as one apply op
 call does them), so that no single step holds the GIL or a shard lock for
-long and requests keep being served during a large apply. Rows carry full
+long and requests keep being served during a large apply. The writes run as
+eager ops on the table's resource handle, not through the export's
+`apply_delta` function: an eager op's kernel runs in the calling thread (the
+replica lowers that thread's priority), while a function's kernels run on
+TensorFlow's shared inter-op threads at full priority, competing with requests. Rows carry full
 values, so a file that fails half-way through the writes (an op error) is
 harmless to apply again; it is reported as `apply_failed`, the version of a
 table whose rows were not all written is not advanced, and the file is looked
@@ -53,6 +57,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import gen_lookup_ops
 
 from monolith_tf import deltas
 
@@ -358,23 +363,52 @@ class DeltaApplier:
             dense = [tf.constant(np.asarray(delta.dense[d["name"]]), dtype=tf.as_dtype(d["dtype"]))
                      for d in model.dense]
         for t, endpoint, keys, values, deleted in writes:
-            self._write_rows(endpoint, t.dim, keys, values, deleted)
+            portable = model.metadata.get("mode") == "portable"
+            self._write_rows(endpoint, t.dim, keys, values, deleted, portable=portable)
             st.versions[t.name] = int(t.version)
             st.table_applied_seq[t.name] = seq
             st.advanced = True
         if dense is not None:
             model.assign_dense(*dense)
 
-    def _write_rows(self, endpoint, dim, keys, values, deleted):
+    def _write_rows(self, endpoint, dim, keys, values, deleted, *, portable):
         """Deletes `deleted`, then upserts `keys` -> `values`, a slice per op
         call: the same table as one call (which also deletes before it writes,
         shard by shard), without converting or locking everything at once."""
         n = self.slice_rows
+        write = _eager_writer(endpoint, portable)
         no_keys, no_values = tf.zeros([0], tf.int64), tf.zeros([0, dim], tf.float32)
         for lo in range(0, len(deleted), n):
-            endpoint.apply_delta(no_keys, no_values, tf.constant(deleted[lo:lo + n], tf.int64))
+            write(no_keys, no_values, tf.constant(deleted[lo:lo + n], tf.int64))
             time.sleep(0)  # let the request threads take the GIL between calls
         for lo in range(0, len(keys), n):
-            endpoint.apply_delta(tf.constant(keys[lo:lo + n], tf.int64), tf.constant(values[lo:lo + n], tf.float32),
-                                 no_keys)
+            write(tf.constant(keys[lo:lo + n], tf.int64), tf.constant(values[lo:lo + n], tf.float32), no_keys)
             time.sleep(0)
+
+
+def _eager_writer(endpoint, portable):
+    """write(keys, values, deleted_keys) for one exported table, as eager ops in
+    the calling thread (see the module docstring for why). Native tables take
+    our apply-delta op, portable ones the stock remove and insert ops; an
+    export whose endpoint does not expose its table falls back to the
+    export's own `apply_delta` function."""
+    table = getattr(endpoint, "table", None)
+    handle = getattr(table, "resource_handle", None)
+    if handle is None:
+        return endpoint.apply_delta
+    if not portable:
+        from monolith_tf import _ops
+
+        apply_delta = _ops.ops().monolith_hash_table_apply_delta
+
+        def write(keys, values, deleted_keys):
+            apply_delta(handle, keys, values, deleted_keys)
+        return write
+
+    def write(keys, values, deleted_keys):
+        if deleted_keys.shape[0]:
+            gen_lookup_ops.lookup_table_remove_v2(handle, deleted_keys)
+        if keys.shape[0]:
+            gen_lookup_ops.lookup_table_insert_v2(handle, keys, values)
+    return write
+
