@@ -78,7 +78,7 @@ flags.DEFINE_float("probe_interval", 0.01, "Seconds between probe requests while
 flags.DEFINE_float("phase_timeout", 300.0, "Upper bound (seconds) on any single wait.")
 flags.DEFINE_integer("grpc_max_threads", 16, "gRPC worker threads per replica.")
 flags.DEFINE_integer("seed", 0, "Seed of keys, values, gradients and requests.")
-flags.DEFINE_string("out_png", "bench/serving.png", "Where to write the plot ('' = none).")
+flags.DEFINE_string("out_png", "docs/serving.png", "Where to write the plot ('' = none).")
 flags.DEFINE_string("out_json", "", "Optional path for the raw results as JSON.")
 flags.DEFINE_string("workdir", "", "Where exports and deltas go (default: a temporary directory, removed at the end).")
 # Internal: the parent runs this file again as a replica or a client.
@@ -204,11 +204,11 @@ def replica_worker():
     # decode) and DeltaApplier._apply (the table writes).
     read = deltas.read
 
-    def timed_read(path):
+    def timed_read(path, **kwargs):
         t0 = time.monotonic()
         c0 = time.thread_time()
         try:
-            return read(path)
+            return read(path, **kwargs)
         finally:
             emit(event="read", name=os.path.basename(path), t0=t0, t1=time.monotonic(),
                  cpu=time.thread_time() - c0)
@@ -421,6 +421,7 @@ class Trainer:
 
         deltas.write = timed_write
         self._np = np
+        self.probe_steps = 0  # steps that moved the probe row (see step_and_publish)
 
     def probe_value(self):
         import tensorflow as tf
@@ -434,10 +435,15 @@ class Trainer:
         np = self._np
         ids = np.concatenate([[self.probe_user], self.rng.choice(self.others, n - 1, replace=False)]).astype(np.int64)
         grads = self.rng.standard_normal((n, FLAGS.dim)).astype(np.float32)
-        # A large gradient on the probe row: Adagrad then moves it by about the
-        # learning rate however many steps it has taken, so the probe's
-        # prediction changes visibly every time.
-        grads[0] *= 1000.0
+        # A large gradient on the probe row, growing 1.5x per step: Adagrad
+        # divides by the root of the sum of all squared gradients so far, and a
+        # geometric series keeps that sum within 1.8x of the newest square, so
+        # each step moves the probe row by about 0.75x the learning rate
+        # however many steps it has taken (a constant size would shrink the
+        # move as 1/sqrt(steps)), and the probe's prediction changes visibly.
+        # 1.5^80 x 1000 squared is still a finite float32.
+        grads[0] *= 1000.0 * 1.5 ** min(self.probe_steps, 80)
+        self.probe_steps += 1
         before = self.probe_value()
         t_step0 = time.monotonic()
         updated = int(self.user_table.apply_gradients(ids, grads).numpy())
@@ -449,7 +455,9 @@ class Trainer:
             raise RuntimeError(f"expected one sparse delta, publish() wrote {paths}")
         write_s = sum(self.write_seconds[n_writes:])
         expected = self.probe_value()
-        if check_probe and abs(expected - before) < 1e-4:
+        # The probe waits for |prediction - expected| <= change / 10, so any
+        # change well above float32 rounding (~1e-8 here) is detectable.
+        if check_probe and abs(expected - before) < 1e-5:
             raise RuntimeError(f"the step barely changed the probe prediction ({before} -> {expected})")
         return {"rows": n, "updated": updated, "t_step": t_step, "step_seconds": t_step - t_step0,
                 "publish_seconds": t_published - t_step, "write_seconds": write_s,

@@ -53,7 +53,7 @@ flags.DEFINE_list("mem_dims", ["16"], "Dims for the memory measurement (the targ
 flags.DEFINE_bool("eager", True, "Also time the ops eagerly (no tf.function).")
 flags.DEFINE_bool("mutable", True, "Include tf.lookup.experimental.MutableHashTable.")
 flags.DEFINE_integer("seed", 0, "Seed of the numpy rng that draws keys, batches and values.")
-flags.DEFINE_string("out_png", "bench/table_ops.png", "Where to write the bar chart of ratios ('' = none).")
+flags.DEFINE_string("out_png", "docs/table_ops.png", "Where to write the bar chart of ratios ('' = none).")
 flags.DEFINE_string("out_json", "", "Optional path for the raw results as JSON.")
 flags.DEFINE_bool("quick", False, "Smoke run: sizes=100000, dims=16, 3 repeats, 200000-key memory run.")
 # Internal: the parent runs this file again as a worker for one measurement.
