@@ -586,6 +586,7 @@ def test_an_apply_that_fails_half_way_is_reported_and_converges_when_rewritten(t
         status = replica.poll_now()
         assert status["deltas_rejected"][1] == {"kind": "apply_failed",
                                                 "reason": "applying failed: ResourceExhaustedError: out of memory"}
+        assert "out of memory" in status["last_delta_error"]
         assert status["table_versions"]["user_emb"] == version and calls == [(30, 0)] * 3
         got_keys, got_values = table_rows(replica, "user_emb")
         np.testing.assert_array_equal(got_values[np.searchsorted(got_keys, keys[:60])], values[:60])
@@ -595,6 +596,7 @@ def test_an_apply_that_fails_half_way_is_reported_and_converges_when_rewritten(t
         os.utime(path, ns=(1, 1))
         status = replica.poll_now()
         assert status["deltas_rejected"] == {} and status["table_versions"]["user_emb"] == version + 1
+        assert status["last_delta_error"] == ""  # nothing stands rejected any more
         got_keys, got_values = table_rows(replica, "user_emb")
         np.testing.assert_array_equal(got_values[np.searchsorted(got_keys, keys)], values)
 
@@ -755,6 +757,39 @@ def test_command_line_flags_build_the_replica(trained):
         assert replica.rest_api_port is None  # --rest_api_port=0 means no REST, as in TF Serving
         with grpc.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
             assert Client(channel).status().model_version_status[0].state == AVAILABLE
+
+
+@pytest.mark.parametrize("flag", ["--port=99999", "--port=-1", "--rest_api_port=70000"])
+def test_out_of_range_ports_are_rejected_naming_the_flag(trained, flag):
+    from absl import flags
+
+    from monolith_tf.serving import __main__ as cli
+    flag_values = flags.FlagValues()
+    cli.define_flags(flag_values)
+    with pytest.raises(flags.IllegalFlagValueError, match=flag.split("=")[0].lstrip("-")):
+        flag_values(["monolith-serve", f"--model_base_path={trained.native}", flag])
+    # The Python API checks too: gRPC would quietly take 99999 as 99999 - 65536.
+    with pytest.raises(ValueError, match="rest_api_port must be an integer in 0..65535, got 70000"):
+        ServingReplica(trained.native, NAME, rest_api_port=70000)
+    with pytest.raises(ValueError, match="port must be an integer in 0..65535, got 99999"):
+        ServingReplica(trained.native, NAME, port=99999)
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(trained):
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "monolith_tf.serving", f"--model_base_path={trained.native}",
+                              f"--model_name={NAME}", "--port=0", f"--rest_api_port={port}"],
+                             capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert run.returncode == 1, run.stderr
+    assert f"monolith-serve: cannot bind REST to 127.0.0.1:{port}" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_background_threads_run_at_lower_priority_than_requests():

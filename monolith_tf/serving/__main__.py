@@ -23,8 +23,10 @@ from monolith_tf.serving.server import ServingReplica
 def define_flags(flag_values):
     """Defines monolith-serve's flags on `flag_values` (an absl FlagValues)."""
     fv = {"flag_values": flag_values}
-    flags.DEFINE_integer("port", 8500, "Port to listen on for gRPC (0: any free port, printed at start).", **fv)
-    flags.DEFINE_integer("rest_api_port", 0, "Port to listen on for the HTTP/REST API (0: no REST API).", **fv)
+    flags.DEFINE_integer("port", 8500, "Port to listen on for gRPC (0: any free port, printed at start).",
+                         lower_bound=0, upper_bound=65535, **fv)
+    flags.DEFINE_integer("rest_api_port", 0, "Port to listen on for the HTTP/REST API (0: no REST API).",
+                         lower_bound=0, upper_bound=65535, **fv)
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 (or ::) to serve beyond this machine.", **fv)
     flags.DEFINE_string("model_name", "default", "Name of the model, as requests' model_spec.name must say.", **fv)
     flags.DEFINE_string("model_base_path", None, "Folder of numbered SavedModel versions (monolith_tf.export). "
@@ -60,7 +62,13 @@ def main(argv):
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    ports = replica.start()
+    try:
+        ports = replica.start()
+    except OSError as e:  # a port in use or not ours to bind: one line, no traceback
+        message = e.strerror or str(e)
+        print(message if message.startswith("monolith-serve") else f"monolith-serve: {message}", file=sys.stderr,
+              flush=True)
+        return 1
     status = replica.status()
     print(f"monolith-serve: model {replica.model_name} version {status['version']} on {replica.host}: "
           f"gRPC port {ports.grpc}" + (f", REST port {ports.rest}" if ports.rest else ""), flush=True)

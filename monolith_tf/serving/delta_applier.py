@@ -141,7 +141,9 @@ class DeltaState:
             "deltas_applied": self.applied,
             "deltas_skipped": self.skipped,
             "deltas_rejected": {seq: {"kind": r.kind, "reason": r.reason} for seq, r in sorted(self.rejected.items())},
-            "last_delta_error": self.last_error,
+            # Only while some file stands rejected: once every rejected file was
+            # replaced or removed, an old reason would only mislead.
+            "last_delta_error": self.last_error if self.rejected else "",
         }
 
 

@@ -101,6 +101,10 @@ class ServingReplica:
     def __init__(self, model_base_path, model_name, delta_dir=None, port=0, rest_api_port=None, poll_seconds=1.0,
                  *, delta_poll_seconds=None, host="127.0.0.1", max_workers=16, check_delta_model_name=True,
                  drain_timeout=30.0, background_niceness=10):
+        for what, value in (("port", port), ("rest_api_port", rest_api_port)):
+            # gRPC would take 99999 as 99999 - 65536 and serve on some other port.
+            if value is not None and not (isinstance(value, int) and 0 <= value <= 65535):
+                raise ValueError(f"monolith-serve: {what} must be an integer in 0..65535, got {value!r}")
         self.model_base_path = model_base_path
         self.background_niceness = int(background_niceness)
         self.model_name = model_name
