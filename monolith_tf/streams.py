@@ -234,7 +234,19 @@ class SyntheticSource(ChunkSource):
 # ----------------------------------------------------------------------------- files
 
 
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
+
+
 def _to_int(value, floor=False):
+    """value as a Python int in the int64 range (ids and times become int64
+    arrays), or ValueError with the reason."""
+    out = _to_python_int(value, floor)
+    if not _INT64_MIN <= out <= _INT64_MAX:
+        raise ValueError("outside the int64 range")
+    return out
+
+
+def _to_python_int(value, floor):
     if isinstance(value, bool):
         raise ValueError("a boolean is not an integer")
     if isinstance(value, int):

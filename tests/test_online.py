@@ -309,12 +309,21 @@ def test_malformed_lines_name_the_file_and_line(tmp_path):
         '{"user_id": 1, "movie_id": 2, "rating": 3, "timestamp": 4}\n[1, 2]\n': "line 2: expected a JSON object",
         '{"user_id": 1.5, "movie_id": 2, "rating": 3, "timestamp": 4}\n': "line 1: bad user_id 1.5",
         '{"user_id": 1, "movie_id": 2, "timestamp": 4}\n': "line 1: missing rating",
+        # Past int64: ids and times become int64 arrays.
+        '{"user_id": 1, "movie_id": 2, "rating": 3, "timestamp": 1e30}\n': "line 1: bad timestamp 1e\\+30 \\(outside",
+        '{"user_id": 99999999999999999999, "movie_id": 2, "rating": 3, "timestamp": 4}\n':
+            "line 1: bad user_id 99999999999999999999 \\(outside the int64 range",
+        "user_id,movie_id,rating,timestamp\n1,2,3,4\n1,-9223372036854775809,3,4\n": "line 3: bad movie_id",
     }
     for k, (text, message) in enumerate(cases.items()):
         bad = tmp_path / (f"c{k}.csv" if text.startswith("user") else f"c{k}.jsonl")
         bad.write_text(text)
         with pytest.raises(streams.MalformedEventError, match=f"{bad}, {message}"):
             list(streams.FileSource(bad).batches(10))
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(good[0] + '\n{"user_id": 1, "movie_id": 2, "rating": 3, "timestamp": 1e30}\n' + good[1] + "\n")
+    skipping = streams.FileSource(huge, skip_malformed=True)
+    assert sum(len(b) for b in skipping.batches(10)) == 2 and skipping.malformed == 1
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(good[0].encode() + b"\n\xff\xfe\n")
     with pytest.raises(streams.MalformedEventError, match="line 2: not UTF-8"):
