@@ -225,7 +225,13 @@ class HashTable(tf.saved_model.experimental.TrackableResource):
             return tf.zeros([0], tf.int64)
         ts = timestamp if isinstance(timestamp, tf.Tensor) else tf.convert_to_tensor(timestamp)
         if ts.dtype.is_floating:
-            ts = tf.cast(tf.math.floor(ts), tf.int64)
+            # NaN, inf or beyond int64 would cast to INT64_MIN: a row "last seen"
+            # in the distant past, evicted by the next evict().
+            ts = tf.cast(ts, tf.float64)
+            ok = tf.reduce_all(tf.math.is_finite(ts) & (tf.abs(ts) < 2.0**63))
+            message = f"HashTable '{self._name}': timestamp must be finite seconds within the int64 range"
+            with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+                ts = tf.cast(tf.math.floor(ts), tf.int64)
         elif ts.dtype.is_integer:
             ts = tf.cast(ts, tf.int64)
         else:

@@ -219,6 +219,22 @@ def test_bad_timestamps_are_rejected():
         table.lookup([1, 2, 3], train=True, timestamp=[1, 2])
     with pytest.raises(TypeError, match="timestamp must be integer seconds"):
         table.lookup([1], train=True, timestamp="yesterday")
+    before = table.export()
+    for bad in (float("nan"), float("inf"), 1e30, [5.0, float("nan"), 6.0]):
+        ids = [1, 2, 10**9] if isinstance(bad, list) else [10**9]
+        with pytest.raises(tf.errors.InvalidArgumentError, match="HashTable 'user_emb': timestamp must be finite"):
+            table.lookup(ids, train=True, timestamp=bad)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="timestamp must be finite"):
+            table.apply_gradients(ids, tf.zeros([len(ids), table.dim]), timestamp=bad)
+    after = table.export()
+    for name in before:
+        np.testing.assert_array_equal(after[name].numpy(), before[name].numpy())
+    # Inside a tf.function too, and a finite float timestamp still works.
+    step = tf.function(lambda t: table.lookup([7], train=True, timestamp=t))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="timestamp must be finite"):
+        step(tf.constant(float("nan")))
+    step(tf.constant(12345.75))
+    assert table.export()["last_seen"].numpy()[list(table.export()["keys"].numpy()).index(7)] == 12345
 
 
 @pytest.mark.parametrize("kwargs,message", [
