@@ -88,7 +88,15 @@ def export_once(checkpoint_dir, delta_dir, model_name):
     latest = tf.train.latest_checkpoint(checkpoint_dir)
     if latest is None:
         raise FileNotFoundError(f"monolith-delta-export: no checkpoint in {checkpoint_dir}")
-    tables = checkpoint_tables(latest)
+    try:
+        tables = checkpoint_tables(latest)
+    except (tf.errors.OpError, IndexError, KeyError, ValueError, UnicodeDecodeError) as e:
+        # TF's checkpoint reader reports a damaged data file as e.g. "IndexError:
+        # Read less bytes than requested", naming no file.
+        detail = e.message if isinstance(e, tf.errors.OpError) else str(e)
+        raise ValueError(f"monolith-delta-export: cannot read checkpoint {latest} (damaged or not written by "
+                         f"monolith_tf?): {type(e).__name__}: {detail.strip().splitlines()[0] if detail.strip() else ''}"
+                         ) from None
     if not tables:
         raise ValueError(f"monolith-delta-export: checkpoint {latest} holds no monolith_tf tables")
     out = []

@@ -146,6 +146,8 @@ def _load_data(fv):
         data = movielens.load(fv.data)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UserError(f"--data: {e}") from None
+    if len(data["ratings"]) == 0:
+        raise UserError(f"--data: {fv.data} holds no ratings ({data['format']} format, empty ratings file)")
     return data, f"{data['format']} from {fv.data}"
 
 

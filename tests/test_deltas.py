@@ -216,6 +216,23 @@ def test_checkpoint_delta_export_job(tmp_path):
     np.testing.assert_array_equal(replica.lookup(np.arange(12)).numpy(), emb.table.lookup(np.arange(12)).numpy())
 
 
+def test_delta_export_job_names_a_damaged_checkpoint_and_writes_nothing(tmp_path):
+    import glob
+
+    import tensorflow as tf
+    from monolith_tf.delta_export import export_once
+    model, emb = model_with_tables()
+    ckpt_dir, delta_dir = str(tmp_path / "ckpt"), str(tmp_path / "deltas")
+    emb(np.array([1, 2, 3]), timestamp=100, training=True)
+    prefix = tf.train.Checkpoint(model=model).save(ckpt_dir + "/c")
+    (data,) = glob.glob(prefix + ".data-*")
+    with open(data, "r+b") as f:
+        f.truncate(16)  # most of the data gone
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {prefix}"):
+        export_once(ckpt_dir, delta_dir, "m")
+    assert deltas.list_sequences(delta_dir) == []
+
+
 def test_malformed_header_with_valid_checksum_is_a_delta_error(tmp_path):
     import hashlib
     import struct

@@ -120,3 +120,18 @@ def test_malformed_data_file_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(r"monolith-train: error: --data: .*u\.data, line 2: ", err[0])
     assert not (tmp_path / "m").exists()
+
+
+def test_empty_ratings_file_is_a_one_line_error_naming_the_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "u.data").write_text("")
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    fv(["monolith-train", f"--data={tmp_path / 'empty'}", f"--model_dir={tmp_path / 'm'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["monolith-train"], fv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"monolith-train: error: --data: {tmp_path / 'empty'} holds no ratings "
+                   "(ml-100k format, empty ratings file)"]
+    assert not (tmp_path / "m").exists()
