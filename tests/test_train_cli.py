@@ -107,31 +107,29 @@ def test_missing_data_folder_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_malformed_data_file_is_a_one_line_error(tmp_path, capsys):
-    # In process, on private flag values, to spare another TensorFlow start-up.
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "u.data").write_text("1\t2\t4\t881250949\n1\t2\n")
+def train_on_u_data(tmp_path, capsys, text):
+    """Runs monolith-train on a folder whose u.data holds `text`, in process on
+    private flag values (sparing another TensorFlow start-up); returns
+    (exit code, stderr lines). Nothing may be written to --model_dir."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "u.data").write_text(text)
     fv = flags.FlagValues()
     train.define_flags(fv)
-    fv(["monolith-train", f"--data={tmp_path / 'bad'}", f"--model_dir={tmp_path / 'm'}"])
+    fv(["monolith-train", f"--data={tmp_path / 'data'}", f"--model_dir={tmp_path / 'm'}"])
     with pytest.raises(SystemExit) as exit_info:
         train.main(["monolith-train"], fv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.match(r"monolith-train: error: --data: .*u\.data, line 2: ", err[0])
     assert not (tmp_path / "m").exists()
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_malformed_data_file_is_a_one_line_error(tmp_path, capsys):
+    code, err = train_on_u_data(tmp_path, capsys, "1\t2\t4\t881250949\n1\t2\n")
+    assert code == 2
+    assert len(err) == 1 and re.match(r"monolith-train: error: --data: .*u\.data, line 2: ", err[0])
 
 
 def test_empty_ratings_file_is_a_one_line_error_naming_the_folder(tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "u.data").write_text("")
-    fv = flags.FlagValues()
-    train.define_flags(fv)
-    fv(["monolith-train", f"--data={tmp_path / 'empty'}", f"--model_dir={tmp_path / 'm'}"])
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["monolith-train"], fv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"monolith-train: error: --data: {tmp_path / 'empty'} holds no ratings "
+    code, err = train_on_u_data(tmp_path, capsys, "")
+    assert code == 2
+    assert err == [f"monolith-train: error: --data: {tmp_path / 'data'} holds no ratings "
                    "(ml-100k format, empty ratings file)"]
-    assert not (tmp_path / "m").exists()
