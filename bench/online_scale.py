@@ -31,8 +31,8 @@ show up as growth in the RSS curve (about 25 MiB for 100M events).
 
 import csv
 import ctypes
-import gc
 import datetime
+import gc
 import io
 import os
 import sys

@@ -93,10 +93,10 @@ def export_once(checkpoint_dir, delta_dir, model_name):
     except (tf.errors.OpError, IndexError, KeyError, ValueError, UnicodeDecodeError) as e:
         # TF's checkpoint reader reports a damaged data file as e.g. "IndexError:
         # Read less bytes than requested", naming no file.
-        detail = e.message if isinstance(e, tf.errors.OpError) else str(e)
+        detail = (e.message if isinstance(e, tf.errors.OpError) else str(e)).strip()
+        first_line = detail.splitlines()[0] if detail else ""
         raise ValueError(f"monolith-delta-export: cannot read checkpoint {latest} (damaged or not written by "
-                         f"monolith_tf?): {type(e).__name__}: {detail.strip().splitlines()[0] if detail.strip() else ''}"
-                         ) from None
+                         f"monolith_tf?): {type(e).__name__}: {first_line}") from None
     if not tables:
         raise ValueError(f"monolith-delta-export: checkpoint {latest} holds no monolith_tf tables")
     out = []

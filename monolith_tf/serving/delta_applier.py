@@ -43,8 +43,8 @@ long and requests keep being served during a large apply. The writes run as
 eager ops on the table's resource handle, not through the export's
 `apply_delta` function: an eager op's kernel runs in the calling thread (the
 replica lowers that thread's priority), while a function's kernels run on
-TensorFlow's shared inter-op threads at full priority, competing with requests. Rows carry full
-values, so a file that fails half-way through the writes (an op error) is
+TensorFlow's shared inter-op threads at full priority, competing with
+requests. Rows carry full values, so a file that fails half-way through the writes (an op error) is
 harmless to apply again; it is reported as `apply_failed`, the version of a
 table whose rows were not all written is not advanced, and the file is looked
 at again when it changes.
@@ -364,8 +364,8 @@ class DeltaApplier:
         if plan["dense"]:
             dense = [tf.constant(np.asarray(delta.dense[d["name"]]), dtype=tf.as_dtype(d["dtype"]))
                      for d in model.dense]
+        portable = model.metadata.get("mode") == "portable"
         for t, endpoint, keys, values, deleted in writes:
-            portable = model.metadata.get("mode") == "portable"
             self._write_rows(endpoint, t.dim, keys, values, deleted, portable=portable)
             st.versions[t.name] = int(t.version)
             st.table_applied_seq[t.name] = seq
